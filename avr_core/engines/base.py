@@ -1,0 +1,43 @@
+"""Engine protocols (DESIGN section 3): every synthesis step talks to these two interfaces."""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from avr_core.schemas import Constraint, Message, Sampling
+
+
+@runtime_checkable
+class Generator(Protocol):
+    """Chat generation: one list of `sampling.n` completions per input conversation, in order."""
+
+    model_id: str
+
+    def chat(self, conversations: list[list[Message]], sampling: Sampling) -> list[list[str]]: ...
+
+    def close(self) -> None:
+        """Free the model (GPU memory) explicitly; the engine is unusable afterwards."""
+        ...
+
+
+@runtime_checkable
+class RewardModel(Protocol):
+    """Scores whole conversations (prompt + final assistant turn); higher is better.
+
+    `constraints`, when given, holds one list per conversation: the verifiable-rules backend scores
+    against them and learned reward models ignore them.
+    """
+
+    model_id: str
+
+    def score(
+        self,
+        conversations: list[list[Message]],
+        constraints: list[list[Constraint]] | None = None,
+    ) -> list[float]: ...
+
+    def close(self) -> None: ...
+
+
+class EngineError(RuntimeError):
+    """An engine failed on a batch; the caller fails only the shard it was working on."""
