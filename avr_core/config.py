@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from avr_core.models import TINY_MODEL
 from avr_core.schemas import Sampling
 
 __all__ = [
@@ -20,9 +21,6 @@ __all__ = [
     "SelectionConfig",
     "TrainingConfig",
 ]
-
-TINY_MODEL = "smollm2-135m-instruct"
-TINY_REWARD_MODEL = "smollm2-135m-bt-rm"
 
 
 class _Strict(BaseModel):
@@ -58,7 +56,9 @@ class ModelSpec(_Strict):
 
     backend: Literal["transformers", "vllm", "openai", "rules"] = "transformers"
     path: str = TINY_MODEL
-    base_url: str | None = Field(None, description="OpenAI-compatible server, e.g. http://host:8000/v1")
+    base_url: str | None = Field(
+        None, description="OpenAI-compatible server, e.g. http://host:8000/v1"
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     length_penalty: float = Field(
         0.0, ge=0.0, description="rules backend only: score -= penalty * words / 1000"

@@ -335,7 +335,9 @@ def records_to_table(records: list[ArrowRecord], record_type: type[ArrowRecord])
     """Rows of `record_type` as a Table with exactly its Arrow schema (empty lists allowed)."""
     for i, record in enumerate(records):
         if not isinstance(record, record_type):
-            raise TypeError(f"row {i}: expected {record_type.__name__}, got {type(record).__name__}")
+            raise TypeError(
+                f"row {i}: expected {record_type.__name__}, got {type(record).__name__}"
+            )
     return pa.Table.from_pylist([r.to_row() for r in records], schema=record_type.arrow_schema)
 
 
