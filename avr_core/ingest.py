@@ -1,0 +1,358 @@
+"""Prompt ingestion: read a prompt set, validate every row, give each prompt a stable id, shard it.
+
+Sources (local paths or fsspec URLs such as `s3://`, with `storage_options`):
+- JSON lines (`.jsonl`, `.ndjson`, `.json`; compressed `.gz`/`.bz2`/`.xz`/`.zst` too),
+- Parquet (`.parquet`),
+- a `datasets` dataset saved with `save_to_disk` (a directory; a DatasetDict needs one split).
+
+Each row has a `prompt` string (one user turn) or a `messages` conversation (`[{role, content}]`:
+an optional system turn, then alternating user/assistant turns, ending with a user turn). Optional
+columns: `constraints` (`[{type, args}]`, see avr_core.constraints), `source` and `id`, which are
+kept in `PromptRecord.source` as `source#id` so a prompt can be traced back to its origin.
+
+A bad row raises `BadRowError` naming the file, the 0-based row (for JSON lines: the 0-based line
+number) and the field. With `on_bad_row="skip"` bad rows go to a rejects JSON-lines file instead,
+each with its reason, and every valid row is kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import fsspec
+import pyarrow.parquet as pq
+from pydantic import BaseModel
+
+from avr_core.constraints import validate_constraint
+from avr_core.schemas import Constraint, Conversation, Message, PromptRecord
+
+__all__ = [
+    "BadRowError",
+    "IngestResult",
+    "bundled_prompts_path",
+    "prompt_id_for",
+    "read_prompts",
+    "shard_prompts",
+]
+
+ROLES = ("system", "user", "assistant")
+JSON_LINES_SUFFIXES = (".jsonl", ".ndjson", ".json")
+COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst")
+# Files `save_to_disk` writes: a Dataset has state.json, a DatasetDict dataset_dict.json.
+SAVED_DATASET_MARKERS = ("state.json", "dataset_dict.json")
+
+
+class BadRowError(ValueError):
+    """A prompt row that cannot be used; names the file, the 0-based row and the field."""
+
+    def __init__(self, file: str, row: int, field: str, reason: str) -> None:
+        self.file, self.row, self.field, self.reason = file, row, field, reason
+        super().__init__(f"{file}: row {row}: field {field!r}: {reason}")
+
+
+class IngestResult(BaseModel):
+    """The valid, de-duplicated prompts and what was left out."""
+
+    prompts: list[PromptRecord]
+    rejects: int = 0
+    rejects_path: str | None = None
+    duplicates: int = 0
+
+
+class _RowProblem(Exception):
+    """Why a row is bad, before the file and row number are attached."""
+
+    def __init__(self, field: str, reason: str, data: Any = None) -> None:
+        super().__init__(reason)
+        self.field, self.reason = field, reason
+        self.data = data  # what to show in the rejects file when there is no row dict
+
+
+def prompt_id_for(messages: Sequence[Message | Mapping[str, Any]]) -> str:
+    """Stable id of a conversation: sha256 of its canonical JSON, first 16 hex chars.
+
+    Only role and content count, so the same conversation gets the same id from any file format.
+    """
+    turns = [
+        {"role": m.role, "content": m.content}
+        if isinstance(m, Message)
+        else {"role": m["role"], "content": m["content"]}
+        for m in messages
+    ]
+    canonical = json.dumps(turns, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+def bundled_prompts_path() -> str:
+    """Path of the small demo prompt set shipped with the package."""
+    return str(Path(__file__).parent / "data" / "demo_prompts.jsonl")
+
+
+def shard_prompts(prompts: list[PromptRecord], shard_size: int) -> list[list[PromptRecord]]:
+    """Consecutive shards of `shard_size` prompts (the last may be smaller): shard i feeds step i."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    return [prompts[start : start + shard_size] for start in range(0, len(prompts), shard_size)]
+
+
+# ---------------------------------------------------------------- row validation
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _check_conversation(value: Any, field: str) -> Conversation:
+    """The conversation as Messages, or the first problem: shape, role, content or turn order."""
+    if not isinstance(value, list | tuple):
+        raise _RowProblem(
+            field, f"must be a list of {{role, content}} turns, got {_type_name(value)}"
+        )
+    if not value:
+        raise _RowProblem(field, "is empty: a prompt needs at least one user turn")
+    messages = []
+    for i, turn in enumerate(value):
+        where = f"{field}[{i}]"
+        if not isinstance(turn, Mapping):
+            raise _RowProblem(
+                where, f"must be an object with role and content, got {_type_name(turn)}"
+            )
+        role, content = turn.get("role"), turn.get("content")
+        if role not in ROLES:
+            raise _RowProblem(
+                f"{where}.role", f"unknown role {role!r} (expected one of {', '.join(ROLES)})"
+            )
+        if not isinstance(content, str):
+            raise _RowProblem(f"{where}.content", f"must be a string, got {_type_name(content)}")
+        if not content.strip():
+            raise _RowProblem(f"{where}.content", "is empty")
+        messages.append(Message(role=role, content=content))
+    first = 1 if messages[0].role == "system" else 0
+    for offset, message in enumerate(messages[first:]):
+        expected = "user" if offset % 2 == 0 else "assistant"
+        if message.role != expected:
+            raise _RowProblem(
+                f"{field}[{first + offset}].role",
+                f"expected a {expected} turn, got {message.role} (turn order: an optional system "
+                "turn, then alternating user and assistant turns, ending with a user turn)",
+            )
+    if messages[-1].role != "user":
+        raise _RowProblem(field, f"must end with a user turn, ends with {messages[-1].role}")
+    return messages
+
+
+def _conversation_of(row: Mapping[str, Any]) -> Conversation:
+    """The row's conversation, from `messages` or else from `prompt`."""
+    if row.get("messages") is not None:
+        return _check_conversation(row["messages"], "messages")
+    prompt = row.get("prompt")
+    if prompt is None:
+        raise _RowProblem("prompt", "missing: a row needs a 'prompt' string or a 'messages' list")
+    if isinstance(prompt, list | tuple):  # TRL's conversational format puts the chat in `prompt`
+        return _check_conversation(prompt, "prompt")
+    if not isinstance(prompt, str):
+        raise _RowProblem("prompt", f"must be a string, got {_type_name(prompt)}")
+    if not prompt.strip():
+        raise _RowProblem("prompt", "is empty")
+    return [Message(role="user", content=prompt)]
+
+
+def _constraints_of(row: Mapping[str, Any]) -> list[Constraint]:
+    """The row's constraints, validated; `args` may be an object or (as stored) a JSON string."""
+    value = row.get("constraints")
+    if value is None:
+        return []
+    if not isinstance(value, list | tuple):
+        raise _RowProblem("constraints", f"must be a list, got {_type_name(value)}")
+    constraints = []
+    for i, item in enumerate(value):
+        where = f"constraints[{i}]"
+        if isinstance(item, Mapping) and isinstance(item.get("args"), str):
+            try:
+                item = {**item, "args": json.loads(item["args"]) if item["args"] else {}}
+            except json.JSONDecodeError as err:
+                raise _RowProblem(f"{where}.args", f"not valid JSON: {err}") from err
+        elif isinstance(item, Mapping) and isinstance(item.get("args"), Mapping):
+            # Arrow unifies the args of different constraint types into one struct, filling the
+            # keys a type does not take with nulls; no argument is ever legitimately null.
+            item = {**item, "args": {k: v for k, v in item["args"].items() if v is not None}}
+        try:
+            constraints.append(validate_constraint(item, where=where))
+        except ValueError as err:
+            raise _RowProblem(where, str(err)) from err
+    return constraints
+
+
+def _source_of(row: Mapping[str, Any], default: str) -> str:
+    """Where the prompt came from: the row's `source` (else the file name), plus `#id` if given."""
+    source = row.get("source")
+    if source is not None and not isinstance(source, str):
+        raise _RowProblem("source", f"must be a string, got {_type_name(source)}")
+    source = source or default
+    row_id = row.get("id")
+    if row_id is None:
+        return source
+    if not isinstance(row_id, str | int) or isinstance(row_id, bool):
+        raise _RowProblem("id", f"must be a string or an integer, got {_type_name(row_id)}")
+    return f"{source}#{row_id}"
+
+
+def parse_prompt_row(row: Mapping[str, Any], default_source: str) -> PromptRecord:
+    """One validated PromptRecord from a row; raises _RowProblem naming the bad field."""
+    messages = _conversation_of(row)
+    return PromptRecord(
+        prompt_id=prompt_id_for(messages),
+        messages=messages,
+        constraints=_constraints_of(row),
+        source=_source_of(row, default_source),
+    )
+
+
+# ---------------------------------------------------------------- reading sources
+
+
+def _format_of(source: str, fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """'datasets', 'parquet' or 'jsonl', from a saved-dataset directory or the file suffix."""
+    if fs.isdir(path):
+        if any(fs.exists(f"{path.rstrip('/')}/{name}") for name in SAVED_DATASET_MARKERS):
+            return "datasets"
+        raise ValueError(
+            f"{source}: a directory, but not a dataset saved with save_to_disk "
+            f"(no {' or '.join(SAVED_DATASET_MARKERS)})"
+        )
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{source}: no such prompt file")
+    name = path.lower()
+    for suffix in COMPRESSION_SUFFIXES:
+        name = name.removesuffix(suffix)
+    if name.endswith(JSON_LINES_SUFFIXES):
+        return "jsonl"
+    if name.endswith(".parquet"):
+        return "parquet"
+    raise ValueError(
+        f"{source}: unsupported prompt file type; use JSON lines ({', '.join(JSON_LINES_SUFFIXES)}), "
+        ".parquet, or a directory written by datasets' save_to_disk"
+    )
+
+
+def _json_lines_rows(source: str, options: dict[str, Any]) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed object or _RowProblem) for every non-blank line."""
+    with fsspec.open(source, "rt", encoding="utf-8", compression="infer", **options) as handle:
+        for number, line in enumerate(handle):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                yield number, _RowProblem("<line>", f"not valid JSON ({err})", line.rstrip("\n"))
+                continue
+            if not isinstance(row, dict):
+                yield (
+                    number,
+                    _RowProblem("<line>", f"must be a JSON object, got {_type_name(row)}", row),
+                )
+                continue
+            yield number, row
+
+
+def _require_prompt_column(source: str, columns: Sequence[str]) -> None:
+    """A table without a `prompt` or `messages` column is a wrong file, not a bad row."""
+    if "prompt" not in columns and "messages" not in columns:
+        raise ValueError(
+            f"{source}: no 'prompt' or 'messages' column (columns: {', '.join(columns) or 'none'})"
+        )
+
+
+def _parquet_rows(source: str, options: dict[str, Any]) -> Iterator[tuple[int, Any]]:
+    with fsspec.open(source, "rb", **options) as handle:
+        table = pq.read_table(handle)
+    _require_prompt_column(source, table.column_names)
+    yield from enumerate(table.to_pylist())
+
+
+def _saved_dataset_rows(source: str, options: dict[str, Any]) -> Iterator[tuple[int, Any]]:
+    import datasets
+
+    loaded = datasets.load_from_disk(source, storage_options=options or None)
+    if isinstance(loaded, datasets.DatasetDict):
+        if len(loaded) != 1:
+            raise ValueError(
+                f"{source}: a DatasetDict with splits {sorted(loaded)}; "
+                f"point at one split's directory, e.g. {source.rstrip('/')}/{sorted(loaded)[0]}"
+            )
+        loaded = next(iter(loaded.values()))
+    _require_prompt_column(source, loaded.column_names)
+    yield from enumerate(loaded.to_list())
+
+
+def _rows(source: str, options: dict[str, Any]) -> Iterator[tuple[int, Any]]:
+    """(row number, row dict or _RowProblem) for every row of the source, in file order."""
+    fs, path = fsspec.core.url_to_fs(source, **options)
+    readers = {"jsonl": _json_lines_rows, "parquet": _parquet_rows, "datasets": _saved_dataset_rows}
+    return readers[_format_of(source, fs, path)](source, options)
+
+
+def _write_rejects(path: str, rejects: list[dict[str, Any]], options: dict[str, Any]) -> None:
+    """Write the rejected rows with their reasons as JSON lines (one write of the whole file)."""
+    text = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rejects)
+    fs, fs_path = fsspec.core.url_to_fs(path, **options)
+    parent = posixpath.dirname(fs_path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    fs.pipe_file(fs_path, text.encode("utf-8"))
+
+
+def read_prompts(
+    source: str,
+    on_bad_row: Literal["error", "skip"] = "error",
+    rejects_path: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> IngestResult:
+    """Read, validate and de-duplicate a prompt set (first occurrence of a conversation wins).
+
+    With on_bad_row="skip", bad rows are written to `rejects_path` (default
+    `<source>.rejects.jsonl`) with their reasons; the file is written only if a row was rejected.
+    """
+    if on_bad_row not in ("error", "skip"):
+        raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+    options = dict(storage_options or {})
+    default_source = posixpath.basename(source.rstrip("/"))
+    prompts: list[PromptRecord] = []
+    seen: set[str] = set()
+    duplicates = 0
+    rejects: list[dict[str, Any]] = []
+    for number, row in _rows(source, options):
+        try:
+            if isinstance(row, _RowProblem):
+                raise row
+            record = parse_prompt_row(row, default_source)
+        except _RowProblem as problem:
+            if on_bad_row == "error":
+                raise BadRowError(source, number, problem.field, problem.reason) from None
+            rejects.append(
+                {
+                    "file": source,
+                    "row": number,
+                    "field": problem.field,
+                    "reason": problem.reason,
+                    "data": problem.data if isinstance(row, _RowProblem) else row,
+                }
+            )
+            continue
+        if record.prompt_id in seen:
+            duplicates += 1
+            continue
+        seen.add(record.prompt_id)
+        prompts.append(record)
+    written_to = None
+    if rejects:
+        written_to = rejects_path or f"{source.rstrip('/')}.rejects.jsonl"
+        _write_rejects(written_to, rejects, options)
+    return IngestResult(
+        prompts=prompts, rejects=len(rejects), rejects_path=written_to, duplicates=duplicates
+    )
