@@ -1,0 +1,281 @@
+"""The transformers backend: batched chat `generate` and sequence-classification reward scoring.
+
+Runs on CPU or one CUDA GPU. Conversations go through in batches of `execution.batch_size`; when a
+batch runs out of memory it is halved and retried (down to one conversation) before the engine
+gives up with an `EngineError`, so one long prompt does not fail a whole shard on a busy GPU.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import torch
+
+from avr_core.config import ExecutionConfig, ModelSpec
+from avr_core.engines.base import EngineError
+from avr_core.models import resolve_model_dir
+from avr_core.schemas import Constraint, Message, Sampling
+
+__all__ = [
+    "TransformersGenerator",
+    "TransformersRewardModel",
+    "is_out_of_memory",
+    "pick_device",
+    "pick_dtype",
+    "run_in_batches",
+]
+
+log = logging.getLogger(__name__)
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(execution: ExecutionConfig) -> torch.device:
+    """The device to run on: CUDA when asked or available (`auto`), else CPU."""
+    if execution.device == "cuda" and not torch.cuda.is_available():
+        raise EngineError("execution.device is 'cuda' but no CUDA device is available")
+    if execution.device == "cuda" or (execution.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU has native bf16 math (AVX512-BF16 or AMX); emulated bf16 is slower than fp32."""
+    cpu = torch.cpu
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(cpu, name, lambda: False)() for name in checks)
+
+
+def pick_dtype(spec: ModelSpec, device: torch.device, *, for_scoring: bool = False) -> torch.dtype:
+    """Weights dtype: `spec.dtype` if set; else bf16 on CUDA, and on CPUs with native bf16.
+
+    Reward scores on CPU stay in fp32 under `auto`: one forward pass is cheap there, and bf16
+    rounding of a scalar logit would turn small score gaps into ties that the selection rules read.
+    """
+    if spec.dtype != "auto":
+        return _DTYPES[spec.dtype]
+    if device.type == "cuda":
+        return torch.bfloat16
+    if for_scoring:
+        return torch.float32
+    return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is an accelerator (or host) out-of-memory failure worth a smaller batch."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+
+
+def _free_cached_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_in_batches(
+    items: Sequence[Item],
+    batch_size: int,
+    run_batch: Callable[[Sequence[Item], int], list[Result]],
+    what: str = "batch",
+) -> list[Result]:
+    """`run_batch(items[i:i+b], i)` over all items in order, halving `b` on out-of-memory errors.
+
+    A batch that runs out of memory is retried at half the size from the same position; the smaller
+    size is kept for the rest of the call (the next batches are likely as long). At size 1 the error
+    becomes an `EngineError`. `run_batch` gets the batch's start index (for per-batch seeds).
+    """
+    results: list[Result] = []
+    size = max(1, batch_size)
+    start = 0
+    while start < len(items):
+        batch = items[start : start + size]
+        oom_message = ""
+        try:
+            out = run_batch(batch, start)
+        except Exception as err:
+            if not is_out_of_memory(err):
+                raise
+            oom_message = str(err) or type(err).__name__
+        if oom_message:
+            # Freed outside the except block: the live traceback would pin the batch's tensors.
+            _free_cached_memory()
+            if len(batch) == 1:
+                raise EngineError(
+                    f"{what}: out of memory on a single conversation (item {start}): {oom_message}"
+                )
+            size = max(1, len(batch) // 2)
+            log.warning(
+                "%s: out of memory at item %d; retrying with batch size %d", what, start, size
+            )
+            continue
+        if len(out) != len(batch):
+            raise EngineError(f"{what}: got {len(out)} results for a batch of {len(batch)}")
+        results.extend(out)
+        start += len(batch)
+    return results
+
+
+def _as_dicts(conversation: list[Message]) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.content} for m in conversation]
+
+
+def _load_tokenizer(model_dir, padding_side: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.padding_side = padding_side
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.chat_template is None:
+        raise EngineError(f"the tokenizer in {model_dir} has no chat template")
+    return tokenizer
+
+
+def _release(engine) -> None:
+    """Drop an engine's model and return its memory (GPU memory too)."""
+    engine.model = None
+    _free_cached_memory()
+
+
+class TransformersGenerator:
+    """Generator on `AutoModelForCausalLM.generate`: left-padded chat batches, `n` samples each."""
+
+    def __init__(self, spec: ModelSpec, execution: ExecutionConfig) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.model_id = spec.model_id
+        self.batch_size = execution.batch_size
+        self.device = pick_device(execution)
+        model_dir = resolve_model_dir(spec.path)
+        # Left padding: every prompt then ends where generation starts, so new tokens line up.
+        self.tokenizer = _load_tokenizer(model_dir, padding_side="left")
+        self.dtype = pick_dtype(spec, self.device)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype)
+        self.model.to(self.device).eval()
+        log.info("loaded %s on %s as %s", self.model_id, self.device, self.dtype)
+
+    def chat(self, conversations: list[list[Message]], sampling: Sampling) -> list[list[str]]:
+        """`sampling.n` completions per conversation, grouped per conversation, in input order."""
+        if self.model is None:
+            raise EngineError(f"{self.model_id}: generator is closed")
+        return run_in_batches(
+            conversations,
+            self.batch_size,
+            lambda batch, start: self._generate_batch(batch, sampling, start),
+            what=f"{self.model_id} generate",
+        )
+
+    def _generate_batch(
+        self, batch: Sequence[list[Message]], sampling: Sampling, start: int
+    ) -> list[list[str]]:
+        prompts = [
+            self.tokenizer.apply_chat_template(
+                _as_dicts(c), tokenize=False, add_generation_prompt=True
+            )
+            for c in batch
+        ]
+        # The chat template already holds the special tokens (BOS/<|im_start|>): add none twice.
+        inputs = self.tokenizer(
+            prompts, return_tensors="pt", padding=True, add_special_tokens=False
+        ).to(self.device)
+        greedy = sampling.temperature == 0
+        options: dict = {
+            "max_new_tokens": sampling.max_tokens,
+            "pad_token_id": self.tokenizer.pad_token_id,
+        }
+        if greedy:
+            # Greedy samples are identical: decode once and repeat rather than computing n copies.
+            options.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            options.update(
+                do_sample=True,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=None,
+                num_return_sequences=sampling.n,
+            )
+        with torch.random.fork_rng(devices=self._rng_devices()), torch.inference_mode():
+            if sampling.seed is not None:
+                # Seeded per batch position: the same call with the same batch size is reproducible,
+                # and the caller's global RNG state is left untouched (fork_rng restores it).
+                torch.manual_seed(sampling.seed + start)
+            output = self.model.generate(**inputs, **options)
+        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        texts = [
+            t.strip() for t in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        ]
+        per_prompt = 1 if greedy else sampling.n
+        grouped = [texts[i * per_prompt : (i + 1) * per_prompt] for i in range(len(batch))]
+        if greedy:
+            grouped = [group * sampling.n for group in grouped]
+        return grouped
+
+    def _rng_devices(self) -> list[int]:
+        return [self.device.index or 0] if self.device.type == "cuda" else []
+
+    def close(self) -> None:
+        """Free the model; the generator is unusable afterwards."""
+        _release(self)
+
+
+class TransformersRewardModel:
+    """RewardModel on `AutoModelForSequenceClassification`: one raw logit per conversation."""
+
+    def __init__(self, spec: ModelSpec, execution: ExecutionConfig) -> None:
+        from transformers import AutoModelForSequenceClassification
+
+        self.model_id = spec.model_id
+        self.batch_size = execution.batch_size
+        self.device = pick_device(execution)
+        model_dir = resolve_model_dir(spec.path)
+        # Right padding keeps each sequence's positions as in an unpadded forward pass; the head
+        # pools the last token that is not `pad_token_id`, which must therefore be set.
+        self.tokenizer = _load_tokenizer(model_dir, padding_side="right")
+        self.dtype = pick_dtype(spec, self.device, for_scoring=True)
+        self.model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=self.dtype)
+        if self.model.config.num_labels != 1:
+            raise EngineError(
+                f"{model_dir} has {self.model.config.num_labels} labels; a reward model needs 1"
+            )
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model.to(self.device).eval()
+        log.info("loaded reward model %s on %s as %s", self.model_id, self.device, self.dtype)
+
+    def score(
+        self,
+        conversations: list[list[Message]],
+        constraints: list[list[Constraint]] | None = None,
+    ) -> list[float]:
+        """Raw reward logits (no sigmoid), one per conversation; `constraints` are ignored."""
+        if self.model is None:
+            raise EngineError(f"{self.model_id}: reward model is closed")
+        return run_in_batches(
+            conversations, self.batch_size, self._score_batch, what=f"{self.model_id} score"
+        )
+
+    def _score_batch(self, batch: Sequence[list[Message]], start: int) -> list[float]:
+        texts = [
+            self.tokenizer.apply_chat_template(
+                _as_dicts(c), tokenize=False, add_generation_prompt=False
+            )
+            for c in batch
+        ]
+        inputs = self.tokenizer(
+            texts, return_tensors="pt", padding=True, add_special_tokens=False
+        ).to(self.device)
+        with torch.inference_mode():
+            logits = self.model(**inputs).logits
+        return [float(x) for x in logits[:, 0].float().cpu()]
+
+    def close(self) -> None:
+        """Free the model; the reward model is unusable afterwards."""
+        _release(self)
