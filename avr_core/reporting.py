@@ -1,0 +1,155 @@
+"""Step statistics and their tables (markdown for Prefect artifacts, plain text for the console).
+
+Pure functions over small dicts: each shard of a step writes its `ShardStats`; a step's report is
+their sum. Gains are kept as per-tree values so the median of the whole step is exact.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable, Sequence
+
+from pydantic import BaseModel, Field
+
+__all__ = [
+    "COUNT_LABELS",
+    "ShardStats",
+    "gain_summary",
+    "markdown_table",
+    "merge_stats",
+    "render_run_markdown",
+    "render_step_markdown",
+    "report_rows",
+    "text_table",
+]
+
+# Display order and labels of the counters a step may report; absent counters are not shown.
+COUNT_LABELS: dict[str, str] = {
+    "prompts_in": "prompts in",
+    "rejected_rows": "rejected rows",
+    "duplicates": "duplicate prompts",
+    "trees": "trees",
+    "critiques": "critiques",
+    "refinements": "refinements",
+    "format_retries": "format retries",
+    "dropped_critiques": "dropped critiques",
+    "scored": "scored trees",
+    "scored_candidates": "scored answers + refinements",
+    "rsft_examples": "kept RSFT examples",
+    "original_examples": "original examples",
+    "pairs": "pairs",
+    "pairs_generation": "pairs: generation",
+    "pairs_critique": "pairs: critique",
+    "pairs_refinement": "pairs: refinement",
+    "pairs_trajectory": "pairs: trajectory",
+    "engine_calls": "engine calls",
+}
+
+
+class ShardStats(BaseModel):
+    """What one shard of one step produced: integer counters plus per-tree score gains."""
+
+    counts: dict[str, int] = Field(default_factory=dict)
+    gains: list[float] = Field(default_factory=list, description="best refinement - answer score")
+    seconds: dict[str, float] = Field(
+        default_factory=dict, description="wall time by phase (compute, storage)"
+    )
+
+
+def merge_stats(shards: Iterable[ShardStats]) -> ShardStats:
+    """Sum counters and seconds, concatenate gains."""
+    merged = ShardStats()
+    for shard in shards:
+        for key, value in shard.counts.items():
+            merged.counts[key] = merged.counts.get(key, 0) + value
+        for key, value in shard.seconds.items():
+            merged.seconds[key] = merged.seconds.get(key, 0.0) + value
+        merged.gains.extend(shard.gains)
+    return merged
+
+
+def gain_summary(gains: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean and median of the finite gains; (None, None) when there are none."""
+    finite = [g for g in gains if math.isfinite(g)]
+    if not finite:
+        return None, None
+    return statistics.fmean(finite), statistics.median(finite)
+
+
+def _signed(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.4f}"
+
+
+def report_rows(
+    counts: dict[str, int], gain_mean: float | None = None, gain_median: float | None = None
+) -> list[tuple[str, str]]:
+    """(label, value) rows: known counters in display order, then unknown ones, then gains."""
+    rows = [(label, str(counts[key])) for key, label in COUNT_LABELS.items() if key in counts]
+    rows += [(key, str(value)) for key, value in sorted(counts.items()) if key not in COUNT_LABELS]
+    if gain_mean is not None:
+        rows += [
+            ("mean score gain", _signed(gain_mean)),
+            ("median score gain", _signed(gain_median)),
+        ]
+    return rows
+
+
+def markdown_table(rows: Sequence[tuple[str, ...]], header: Sequence[str]) -> str:
+    """A GitHub-flavoured markdown table; pipes in cells are escaped."""
+
+    def cell(value: str) -> str:
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    lines = [
+        "| " + " | ".join(cell(h) for h in header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def text_table(rows: Sequence[tuple[str, ...]], header: Sequence[str]) -> str:
+    """A fixed-width plain-text table for terminals."""
+    table = [tuple(str(h) for h in header), *[tuple(str(v) for v in row) for row in rows]]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = [
+        "  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True))
+        for row in table
+    ]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def render_step_markdown(
+    title: str,
+    uri: str,
+    counts: dict[str, int],
+    gain_mean: float | None,
+    gain_median: float | None,
+    shards_computed: int,
+    shards_skipped: int,
+    seconds: dict[str, float],
+) -> str:
+    """The markdown of a step's Prefect artifact: where the data is and what it holds."""
+    rows = report_rows(counts, gain_mean, gain_median)
+    rows += [
+        ("shards computed", str(shards_computed)),
+        ("shards reused (already done)", str(shards_skipped)),
+    ]
+    rows += [(f"seconds: {phase}", f"{value:.1f}") for phase, value in sorted(seconds.items())]
+    return f"### {title}\n\n`{uri}`\n\n" + markdown_table(rows, ("metric", "value")) + "\n"
+
+
+def render_run_markdown(title: str, steps: Sequence[dict]) -> str:
+    """One table over all steps of a run: each step's output URI, rows and counters."""
+    rows = []
+    for step in steps:
+        details = ", ".join(
+            f"{label}={value}"
+            for label, value in report_rows(
+                step.get("counts", {}), step.get("gain_mean"), step.get("gain_median")
+            )
+        )
+        rows.append((step["name"], str(step.get("rows", "")), details, step.get("uri", "")))
+    return f"### {title}\n\n" + markdown_table(rows, ("step", "rows", "details", "uri")) + "\n"

@@ -1,0 +1,272 @@
+"""Resuming Stage I: a failed or killed run is re-run and recomputes only the missing shards.
+
+Two real crashes: (1) an engine that fails on one shard, inside the Prefect task (the task's retry
+and a later re-run must each touch only that shard); (2) a Stage I flow in a child process killed
+with SIGKILL after its first tree shard is committed, then re-run with the same run name.
+Both check that committed shard files were not rewritten (mtime and sha256 unchanged), how many
+engine calls the re-run made, and that the final datasets hold exactly one row per prompt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import tasks.stage1
+from avr_core.config import ExecutionConfig, ModelSpec, SelectionConfig
+from avr_core.engines.base import EngineError
+from avr_core.schemas import (
+    Message,
+    PreferencePair,
+    PromptRecord,
+    RefinementTree,
+    Sampling,
+    SFTExample,
+)
+from avr_core.storage import DatasetStore
+from flows.params import (
+    BuildPairsParams,
+    GenerateTreesParams,
+    IngestParams,
+    ScoreTreesParams,
+    SelectRSFTParams,
+    Stage1Params,
+    Stage1Steps,
+)
+from flows.steps import (
+    build_pairs_flow,
+    generate_trees_flow,
+    ingest_prompts_flow,
+    score_trees_flow,
+    select_rsft_flow,
+)
+from tasks.common import ShardsFailedError
+
+pytestmark = pytest.mark.slow  # starts a Prefect API server
+
+
+class FakePolicy:
+    """A scripted policy: fails on any conversation whose prompt is in `failing`; logs calls."""
+
+    model_id = "fake:policy"
+
+    def __init__(self, calls: list[set[str]], failing: set[str]):
+        self.calls = calls
+        self.failing = failing
+
+    def chat(self, conversations: list[list[Message]], sampling: Sampling) -> list[list[str]]:
+        prompts = {c[0].content for c in conversations}
+        self.calls.append(prompts)
+        if prompts & self.failing:
+            raise EngineError("injected failure: device lost")
+        # Answers shrink with each refinement so that refinements win under a length penalty.
+        return [
+            [
+                f"Draft {len(c)} words {k} " + "word " * max(1, 40 - 4 * len(c))
+                for k in range(sampling.n)
+            ]
+            for c in conversations
+        ]
+
+    def close(self) -> None:
+        pass
+
+
+def _file_states(directory: Path) -> dict[str, tuple[int, str]]:
+    """mtime (ns) and sha256 of every shard file in a step directory."""
+    return {
+        path.name: (path.stat().st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest())
+        for path in sorted(directory.glob("part-*.parquet"))
+    }
+
+
+def _shard_of(store: DatasetStore, run: str, index: int) -> set[str]:
+    records = store.read_shard_records(run, *Stage1Steps.PROMPTS, index, PromptRecord)
+    return {r.messages[-1].content for r in records}
+
+
+def test_failed_shard_is_the_only_one_recomputed(prefect_harness, tmp_path, monkeypatch):
+    root = f"file://{tmp_path}/store"
+    run = "inject"
+    ingest_prompts_flow(IngestParams(run_name=run, storage_root=root, max_prompts=8, shard_size=2))
+    store = DatasetStore(root)
+    prompt_ids = {r.prompt_id for r in store.read_records(run, *Stage1Steps.PROMPTS, PromptRecord)}
+    shard_prompts = {i: _shard_of(store, run, i) for i in range(4)}
+
+    calls: list[set[str]] = []
+    loads: list[str] = []
+    failing = set(shard_prompts[2])
+
+    def open_fake(spec: ModelSpec, execution: ExecutionConfig) -> FakePolicy:
+        loads.append(spec.path)
+        return FakePolicy(calls, failing)
+
+    monkeypatch.setattr(tasks.stage1, "open_generator", open_fake)
+    params = GenerateTreesParams(
+        run_name=run, storage_root=root, policy=ModelSpec(path="fake-policy"), x=2, y=2
+    )
+    with pytest.raises(ShardsFailedError, match=r"1 of 4 shards failed.*shard 2: EngineError"):
+        generate_trees_flow(params)
+
+    def shards_called() -> list[int]:
+        return [i for prompts in calls for i, ps in shard_prompts.items() if prompts & ps]
+
+    # First attempt: every shard tried once (3 levels each, shard 2 fails at its first call);
+    # the task's automatic retry then touches only shard 2.
+    assert shards_called() == [0, 0, 0, 1, 1, 1, 2, 3, 3, 3, 2]
+    assert len(loads) == 2  # one engine load per attempt, not per shard
+    trees_dir = tmp_path / "store/runs" / run / "stage1/seed_trees"
+    committed = _file_states(trees_dir)
+    assert sorted(committed) == ["part-00000.parquet", "part-00001.parquet", "part-00003.parquet"]
+    assert not (trees_dir / "_manifest.json").exists()
+
+    # Re-run with a healthy engine: only shard 2 is computed; the others are untouched.
+    failing.clear()
+    calls.clear()
+    time.sleep(0.05)  # let a rewrite, if any, show up as a new mtime
+    result = generate_trees_flow(params)
+    assert shards_called() == [2, 2, 2]
+    assert (result.shards_computed, result.shards_skipped) == (1, 3)
+    after = _file_states(trees_dir)
+    assert {name: after[name] for name in committed} == committed
+    trees = store.read_records(run, *Stage1Steps.SEED_TREES, RefinementTree)
+    assert sorted(t.prompt_id for t in trees) == sorted(prompt_ids)
+    assert result.rows == 8 and result.counts["trees"] == 8
+    assert result.counts["critiques"] == 16 and result.counts["refinements"] == 32
+
+    # A third run has nothing to do and does not even load the engine.
+    calls.clear()
+    loads.clear()
+    again = generate_trees_flow(params)
+    assert calls == [] and loads == [] and again.shards_computed == 0
+    assert _file_states(trees_dir) == after
+
+    # The downstream data steps run on the resumed trees with the real rules reward.
+    reward = ModelSpec(backend="rules", path="constraints", length_penalty=1.0)
+    scored = score_trees_flow(ScoreTreesParams(run_name=run, storage_root=root, reward=reward))
+    selection = SelectionConfig()
+    rsft = select_rsft_flow(SelectRSFTParams(run_name=run, storage_root=root, selection=selection))
+    pairs = build_pairs_flow(
+        BuildPairsParams(
+            run_name=run, storage_root=root, selection=selection, source=Stage1Steps.SEED_SCORED
+        )
+    )
+    scored_trees = store.read_records(run, *Stage1Steps.SEED_SCORED, RefinementTree)
+    assert sorted(t.prompt_id for t in scored_trees) == sorted(prompt_ids)
+    assert all(t.answer_score is not None for t in scored_trees)
+    assert scored.counts["scored_candidates"] == 8 * (1 + 4)
+    examples = store.read_records(run, *Stage1Steps.RSFT, SFTExample)
+    assert len(examples) == rsft.rows == rsft.counts["rsft_examples"]
+    assert len({e.prompt_id for e in examples}) == len(examples)
+    stored_pairs = store.read_records(run, *Stage1Steps.PAIRS, PreferencePair)
+    assert len(stored_pairs) == pairs.rows == pairs.counts.get("pairs", 0)
+    assert rsft.rows > 0 and pairs.rows > 0  # shorter refinements beat the answer
+    run_json = store.read_json(f"runs/{run}/run.json")
+    assert {"inputs/prompts", "stage1/seed_trees", "stage1/pairs"} <= set(run_json["steps"])
+
+
+_CHILD = """
+import sys
+from flows.params import Stage1Params
+from flows.stage1 import stage1
+stage1(Stage1Params.model_validate_json(sys.argv[1]))
+"""
+
+
+def _kill_params(root: str) -> Stage1Params:
+    return Stage1Params(
+        run_name="killed",
+        storage_root=root,
+        max_prompts=4,
+        shard_size=1,
+        x=1,
+        y=1,
+        sampling=Sampling(max_tokens=12, seed=0),
+        execution=ExecutionConfig(batch_size=4, device="cpu"),
+    )
+
+
+def test_killed_stage1_run_resumes_without_recomputing(prefect_harness, tmp_path, monkeypatch):
+    from prefect.settings import PREFECT_API_URL
+
+    root = f"file://{tmp_path}/store"
+    params = _kill_params(root)
+    trees_dir = tmp_path / "store/runs/killed/stage1/seed_trees"
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, params.model_dump_json()],
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 480
+    try:
+        while not (trees_dir / "part-00000.parquet").exists():
+            if child.poll() is not None:
+                pytest.fail(f"stage1 child exited early: {child.stderr.read().decode()[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail("no tree shard was committed within 8 minutes")
+            time.sleep(0.05)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)  # a real crash: no cleanup, no finally blocks
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+    committed = _file_states(trees_dir)
+    assert 1 <= len(committed) < 4, committed
+    assert not (trees_dir / "_manifest.json").exists()
+
+    # Re-run the same steps for the same run, counting engine calls on the real tiny model.
+    calls: list[int] = []
+    real_open = tasks.stage1.open_generator
+
+    def counting_open(spec, execution):
+        generator = real_open(spec, execution)
+        chat = generator.chat
+
+        def counted(conversations, sampling):
+            calls.append(len(conversations))
+            return chat(conversations, sampling)
+
+        generator.chat = counted
+        return generator
+
+    monkeypatch.setattr(tasks.stage1, "open_generator", counting_open)
+    step = dict(run_name=params.run_name, storage_root=root, execution=params.execution)
+    time.sleep(0.05)
+    result = generate_trees_flow(
+        GenerateTreesParams(
+            **step,
+            policy=params.policy,
+            x=params.x,
+            y=params.y,
+            sampling=params.sampling,
+            require_rating=params.require_rating,
+            max_format_retries=params.max_format_retries,
+        )
+    )
+    missing = 4 - len(committed)
+    assert len(calls) == 3 * missing  # answers, critiques, refinements per missing shard
+    assert (result.shards_computed, result.shards_skipped) == (missing, len(committed))
+    after = _file_states(trees_dir)
+    assert {name: after[name] for name in committed} == committed
+
+    store = DatasetStore(root)
+    prompt_ids = [
+        r.prompt_id for r in store.read_records("killed", "inputs", "prompts", PromptRecord)
+    ]
+    score_trees_flow(ScoreTreesParams(**step, reward=params.reward))
+    scored = store.read_records("killed", *Stage1Steps.SEED_SCORED, RefinementTree)
+    assert sorted(t.prompt_id for t in scored) == sorted(prompt_ids) and len(prompt_ids) == 4
+    manifest = json.loads((trees_dir / "_manifest.json").read_text())
+    assert [s["index"] for s in manifest["shards"]] == [0, 1, 2, 3]
