@@ -35,6 +35,8 @@ CONVERSATION_TYPE = pa.list_(MESSAGE_TYPE)
 class Sampling(BaseModel):
     """Sampling settings of one generation call; `n` samples per conversation share its prompt."""
 
+    # A misspelt key sent from the UI or a config file must fail, not silently keep the default.
+    model_config = ConfigDict(extra="forbid")
     n: int = Field(1, ge=1, description="samples per conversation")
     temperature: float = Field(0.7, ge=0.0, description="0 means greedy decoding")
     top_p: float = Field(0.8, gt=0.0, le=1.0)

@@ -583,7 +583,6 @@ def run_flow(name: str, config_path: str | Path | None, overrides: Sequence[str]
 
 def _print_outputs(params: BaseModel, result: Any) -> None:
     """Where the run's outputs are and what each step holds."""
-    console = _console()
     if isinstance(result, dict) and {"steps", "datasets", "checkpoints"} <= set(result):
         from flows.stage1 import print_stage1_summary  # Stage I's own report
 
@@ -594,16 +593,15 @@ def _print_outputs(params: BaseModel, result: Any) -> None:
     root = getattr(params, "storage_root", None)
     if run and root:
         store = open_store_or_fail(root)
-        console.print(f"outputs: {store.root}/runs/{run}")
+        print(f"outputs: {store.root}/runs/{run}")
         print_runs_for(store, run)
 
 
 def print_runs_for(store: Any, run: str) -> None:
     """Print the step table of one run."""
-    console = _console()
     for s in list_steps(store, run):
         rows_text = "-" if s.rows is None else s.rows
-        console.print(f"  {s.stage}/{s.step}: {s.status}, rows={rows_text}, shards={s.shards}")
+        print(f"  {s.stage}/{s.step}: {s.status}, rows={rows_text}, shards={s.shards}")
 
 
 def run_demo(root: str | None, overrides: Sequence[str]) -> int:
@@ -891,9 +889,17 @@ def ensure_pool(local: LocalPrefect, pool: str) -> None:
         local.prefect("work-pool", "create", pool, "--type", "process")
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def run_ui(port: int | None, home: str | None, deploy: bool) -> int:
     """`avr ui`: server + cpu/gpu process pools + deployments + one worker per pool, until Ctrl-C."""
     state = Path(home) if home else Path(os.environ.get("PREFECT_HOME", Path.home() / ".prefect"))
+    # Ctrl-C and `kill` both stop the server and workers cleanly (a shell may start this
+    # command with SIGINT ignored, e.g. in the background).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
     with start_local_prefect(state, port) as local:
         for pool in (CPU_POOL, GPU_POOL):
             ensure_pool(local, pool)

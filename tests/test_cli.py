@@ -203,3 +203,21 @@ def test_unreachable_storage_root_is_a_clear_error(
     err = capsys.readouterr().err
     assert "storage root 's3://avr-nowhere/prefix' is not readable" in err
     assert "AVR_STORAGE_OPTIONS" in err
+
+
+@pytest.mark.slow
+def test_run_command_runs_a_flow_in_process(
+    tmp_path: Path, prefect_harness: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`avr run` on a real (test-harness) Prefect API: the cheap ingest flow, then `avr show`."""
+    root = str(tmp_path / "store")
+    code = cli.main(
+        ["run", "ingest-prompts", "--config", str(cli.TINY_CONFIG), "--set", f"storage_root={root}",
+         "--set", "run_name=cli-run", "--set", "max_prompts=3", "--set", "shard_size=2"]
+    )  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert f"outputs: file://{root}/runs/cli-run" in out
+    assert "inputs/prompts: complete, rows=3, shards=2" in out
+    assert cli.main(["show", "cli-run", "inputs/prompts", "--root", root, "--rows", "1"]) == 0
+    assert "PromptRecord" in capsys.readouterr().out
