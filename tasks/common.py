@@ -372,9 +372,9 @@ def record_step(
     """Add one finished step's wall time and summary to run.json."""
     current = store.read_json(_run_json_path(run)) or {"run": run, "steps": {}}
     current.setdefault("steps", {})[name] = {
-        "seconds": round(seconds, 3),
-        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         **summary,
+        "wall_seconds": round(seconds, 3),
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     store.write_json(_run_json_path(run), current)
 

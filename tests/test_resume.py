@@ -171,6 +171,9 @@ def test_failed_shard_is_the_only_one_recomputed(prefect_harness, tmp_path, monk
     assert rsft.rows > 0 and pairs.rows > 0  # shorter refinements beat the answer
     run_json = store.read_json(f"runs/{run}/run.json")
     assert {"inputs/prompts", "stage1/seed_trees", "stage1/pairs"} <= set(run_json["steps"])
+    trees_entry = run_json["steps"]["stage1/seed_trees"]
+    assert trees_entry["wall_seconds"] > 0 and trees_entry["rows"] == 8
+    assert trees_entry["seconds"]["compute"] > 0  # per-phase time, summed over shards
 
 
 _CHILD = """

@@ -120,6 +120,7 @@ def _check_run(summary: dict, params: Stage1Params, store: DatasetStore, tmp_pat
     run_json = store.read_json(f"runs/{run}/run.json")
     assert run_json["config"]["run_name"] == run
     assert "git_commit" in run_json["code_version"]
+    assert run_json["steps"]["stage1/sft_trees"]["wall_seconds"] > 0
     assert {"stage1/seed_trees", "checkpoints/stage1_sft", "checkpoints/stage1_dpo"} <= set(
         run_json["steps"]
     )
