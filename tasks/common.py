@@ -121,6 +121,37 @@ def open_reward_model(spec: ModelSpec, execution: ExecutionConfig) -> RewardMode
     return load_reward_model(_local_spec(spec), execution)
 
 
+GPU_CONCURRENCY_LIMIT = "gpu"
+
+
+def engine_uses_gpu(spec: ModelSpec | None, execution: ExecutionConfig) -> bool:
+    """Whether an engine (or, with spec None, a training child) would run on a local GPU."""
+    if spec is not None and spec.backend in ("rules", "openai"):
+        return False  # scored by rules or served elsewhere: nothing on this worker's GPU
+    if execution.device != "auto":
+        return execution.device == "cuda"
+    from avr_core.training import visible_cuda_devices  # counts GPUs without initialising CUDA
+
+    return visible_cuda_devices() > 0
+
+
+@contextlib.contextmanager
+def gpu_slot(spec: ModelSpec | None, execution: ExecutionConfig) -> Iterator[None]:
+    """Hold a slot of the global `gpu` concurrency limit while an engine or trainer is on a GPU.
+
+    Two engines must never share one GPU: operators create the limit once
+    (`prefect gcl create gpu --limit N`, N = GPUs). Without that limit (embedded runs) the slot
+    is not enforced (strict=False), and CPU-only work never asks for one.
+    """
+    if not engine_uses_gpu(spec, execution):
+        yield
+        return
+    from prefect.concurrency.sync import concurrency
+
+    with concurrency(GPU_CONCURRENCY_LIMIT, occupy=1, strict=False):
+        yield
+
+
 @dataclass
 class LazyEngine(Generic[Engine]):
     """Loads an engine on first use (never when every shard is already done) and closes it."""
@@ -323,7 +354,7 @@ def publish_step_report(run: str, result: StepResult) -> None:
 
 
 def code_version() -> dict[str, str | None]:
-    """Git commit of the source tree (if it is a checkout) and the installed package version."""
+    """Git commit of the source tree (a checkout, or AVR_GIT_COMMIT baked into the image)."""
     commit = None
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         commit = (
@@ -337,6 +368,8 @@ def code_version() -> dict[str, str | None]:
             ).stdout.strip()
             or None
         )
+    # The Docker image has no .git: its build bakes the commit into the environment.
+    commit = commit or os.environ.get("AVR_GIT_COMMIT") or None
     try:
         version = metadata.version("avr-factory")
     except metadata.PackageNotFoundError:

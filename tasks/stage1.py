@@ -34,6 +34,7 @@ from tasks.common import (
     ShardOutput,
     StepRef,
     StepResult,
+    gpu_slot,
     map_shards,
     open_generator,
     open_reward_model,
@@ -198,7 +199,7 @@ def generate_trees_task(
         counts["trees"] = len(trees)
         return ShardOutput(trees, ShardStats(counts=counts))
 
-    with timed() as elapsed:
+    with timed() as elapsed, gpu_slot(policy, execution):
         try:
             result = map_shards(
                 store, run, source, PromptRecord, target, RefinementTree, fingerprint, compute
@@ -246,7 +247,7 @@ def score_trees_task(
         )
         return ShardOutput(scored, stats)
 
-    with timed() as elapsed:
+    with timed() as elapsed, gpu_slot(reward, execution):
         try:
             result = map_shards(
                 store, run, source, RefinementTree, target, RefinementTree, fingerprint, compute

@@ -17,12 +17,13 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from avr_core.config import TrainingConfig
+from avr_core.config import ExecutionConfig, TrainingConfig
 from avr_core.models import cache_dir
 from avr_core.reporting import markdown_table
 from avr_core.training import COMPLETE_MARKER, FINAL_DIR_NAME, TrainJob, run_training_subprocess
 from tasks.common import (
     StepRef,
+    gpu_slot,
     open_store,
     record_step,
     require_manifest,
@@ -105,7 +106,8 @@ def train_model_task(
     logger.info(
         "training %s (%s) on %d rows of %s", train_step, kind, manifest.total_rows, dataset_uri
     )
-    with timed() as elapsed:
+    # Training runs after the engine of the step before was closed; it takes the GPU slot too.
+    with timed() as elapsed, gpu_slot(None, ExecutionConfig()):
         final_uri = run_training_subprocess(job)
     result = TrainResult(
         train_step=train_step,
