@@ -14,6 +14,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from typing import Any, Generic, TypeVar
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, Field
+from tqdm.auto import tqdm
 
 from avr_core.config import ExecutionConfig, ModelSpec
 from avr_core.engines.base import Generator, RewardModel
@@ -252,6 +254,10 @@ def map_shards(
         len(todo),
     )
     failed: dict[int, str] = {}
+    # A shard bar when a person watches a terminal (`avr demo`, `avr run`); workers just log.
+    progress = tqdm(
+        total=len(todo), desc="/".join(target), unit="shard", disable=not sys.stderr.isatty()
+    )
     for position, index in enumerate(todo, start=1):
         records = store.read_shard_records(run, *source, index, source_type)
         started = time.perf_counter()
@@ -260,6 +266,7 @@ def map_shards(
         except Exception as err:  # noqa: BLE001 - one bad shard must not cost the finished ones
             failed[index] = f"{type(err).__name__}: {err}"
             logger.error("%s/%s shard %d failed: %s", *target, index, failed[index])
+            progress.update(1)
             continue
         computed = time.perf_counter() - started
         output.stats.seconds["compute"] = output.stats.seconds.get("compute", 0.0) + computed
@@ -280,6 +287,8 @@ def map_shards(
             computed,
             time.perf_counter() - write_started,
         )
+        progress.update(1)
+    progress.close()
     if failed:
         listing = "; ".join(f"shard {i}: {why}" for i, why in sorted(failed.items()))
         raise ShardsFailedError(
