@@ -469,6 +469,10 @@ def train(job: TrainJob) -> str:
         _write_marker(store, _join(checkpoint_uri, COMPLETE_MARKER), summary)
         _write_result(summary)
     accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        # Everything worth keeping is in storage now. Local checkpoints (GBs each with optimizer
+        # state) would otherwise pile up on the worker's disk run after run.
+        shutil.rmtree(work_dir, ignore_errors=True)
     return final_uri
 
 

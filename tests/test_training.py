@@ -247,6 +247,7 @@ def test_sft_changes_weights_and_rerun_is_idempotent(store_root, tmp_path):
     checkpoints = _local(final_uri).parent
     assert (checkpoints / "checkpoint-2" / "trainer_state.json").is_file()
     assert (checkpoints / "checkpoint-2" / "optimizer.pt").is_file()
+    assert not (tmp_path / "work").exists(), "the local work dir is removed once all is in storage"
 
     # The final model is a plain, loadable model directory with its tokenizer.
     from transformers import AutoModelForCausalLM, AutoTokenizer
