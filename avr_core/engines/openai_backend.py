@@ -197,8 +197,8 @@ def _require_base_url(spec: ModelSpec) -> str:
     return spec.base_url
 
 
-class OpenAIGenerator:
-    """`Generator` over an OpenAI-compatible chat-completions endpoint."""
+class _Endpoint:
+    """What both OpenAI-compatible engines hold: the served model's name and a retrying client."""
 
     def __init__(
         self, spec: ModelSpec, execution: ExecutionConfig, retry: RetryPolicy | None = None
@@ -209,6 +209,19 @@ class OpenAIGenerator:
         self._client = _Client(
             _require_base_url(spec), execution, retry or RetryPolicy(execution.max_retries)
         )
+
+    def close(self) -> None:
+        """Close the HTTP connections; the server keeps running."""
+        self._client.close()
+
+
+class OpenAIGenerator(_Endpoint):
+    """`Generator` over an OpenAI-compatible chat-completions endpoint."""
+
+    def __init__(
+        self, spec: ModelSpec, execution: ExecutionConfig, retry: RetryPolicy | None = None
+    ) -> None:
+        super().__init__(spec, execution, retry)
         self._url = f"{self._client.base_url}/chat/completions"
 
     def chat(self, conversations: list[list[Message]], sampling: Sampling) -> list[list[str]]:
@@ -223,12 +236,8 @@ class OpenAIGenerator:
 
         return _run_bounded(complete, list(enumerate(conversations)), self._max_concurrency)
 
-    def close(self) -> None:
-        """Close the HTTP connections; the server keeps running."""
-        self._client.close()
 
-
-class OpenAIRewardModel:
+class OpenAIRewardModel(_Endpoint):
     """`RewardModel` over vLLM's `/classify` endpoint (server started with `--runner pooling`).
 
     `base_url` may be given with or without the `/v1` suffix: `/classify` lives at the root.
@@ -237,12 +246,7 @@ class OpenAIRewardModel:
     def __init__(
         self, spec: ModelSpec, execution: ExecutionConfig, retry: RetryPolicy | None = None
     ) -> None:
-        self.model_id = spec.model_id
-        self._model = spec.path
-        self._max_concurrency = execution.max_concurrency
-        self._client = _Client(
-            _require_base_url(spec), execution, retry or RetryPolicy(execution.max_retries)
-        )
+        super().__init__(spec, execution, retry)
         self._url = f"{server_root(self._client.base_url)}/classify"
 
     def score(
@@ -260,7 +264,3 @@ class OpenAIRewardModel:
             return parse_classify_scores(body, where)
 
         return _run_bounded(classify, list(enumerate(conversations)), self._max_concurrency)
-
-    def close(self) -> None:
-        """Close the HTTP connections; the server keeps running."""
-        self._client.close()
