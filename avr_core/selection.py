@@ -46,7 +46,7 @@ __all__ = [
     "build_preference_pairs",
     "is_degenerate",
     "pick_round_winner",
-    "select_original_sft",
+    "original_sft_example",
     "select_refinement_sft",
 ]
 
@@ -155,7 +155,7 @@ def select_refinement_sft(
     )
 
 
-def select_original_sft(tree: RefinementTree) -> SFTExample:
+def original_sft_example(tree: RefinementTree) -> SFTExample:
     """The tree's original conversation as an SFT example (for `cfg.rsft_include_original`)."""
     return SFTExample(
         prompt_id=tree.prompt_id,

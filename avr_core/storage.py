@@ -1,42 +1,39 @@
-"""The dataset store: Parquet shards, manifests, run files and checkpoints under one fsspec root.
+"""The dataset store: Parquet shards and manifests of every step, under one fsspec root.
 
-Layout (DESIGN section 2), relative to the root URI (`file://`, `s3://` or any fsspec URL; a plain
-path means the local disk):
+Locations come from `avr_core.layout`; whole-file atomic I/O from `avr_core.rootfs`.
 
-    runs/{run}/run.json
-    runs/{run}/{stage}/{step}/part-{i:05d}.parquet
-    runs/{run}/{stage}/{step}/_manifest.json        written last
-    runs/{run}/checkpoints/{train_step}/...
-
-A shard is the unit of checkpointing. Its file appears whole or not at all: on a local disk it is
-written under a hidden temporary name and renamed; on an object store it is one PUT (a multipart
-upload, too, only becomes visible when it completes). A shard counts as complete only if its
-Parquet footer parses and the config fingerprint stored in that footer is the one asked for, so a
-truncated file or a shard from an older config is recomputed, never reused.
+A shard is the unit of checkpointing. Its file appears whole or not at all (`RootFS.write_bytes`).
+A shard counts as complete only if its Parquet footer parses and the config fingerprint stored in
+that footer is the one asked for, so a truncated file or a shard from an older config is
+recomputed, never reused. The footer also carries the shard's statistics, so a committed shard
+and its statistics can never disagree. The manifest is written last: its presence means every
+listed shard is final, and it records each shard's sha256 so later changes are detected.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
-import os
-import posixpath
-import re
-import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from datetime import UTC, datetime
-from enum import Enum
-from pathlib import Path, PurePath
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
-from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel
 
+from avr_core.fingerprint import sha256_hex
+from avr_core.layout import (
+    CHECKPOINTS,
+    MANIFEST_NAME,
+    RECORDS,
+    RUNS,
+    RunLayout,
+    StepRef,
+    shard_index,
+)
+from avr_core.rootfs import RootFS, StorageError, StorageUnreachableError
 from avr_core.schemas import (
     RECORD_TYPES,
     SCHEMA_VERSION,
@@ -54,18 +51,14 @@ __all__ = [
     "DatasetStore",
     "MANIFEST_NAME",
     "Manifest",
-    "SYNC_MARKER_NAME",
     "ShardInfo",
+    "StepIncompleteError",
+    "StepStatus",
     "StorageError",
     "StorageUnreachableError",
-    "config_fingerprint",
 ]
 
 logger = logging.getLogger(__name__)
-
-MANIFEST_NAME = "_manifest.json"
-SYNC_MARKER_NAME = "_avr_sync.json"
-SHARD_NAME = re.compile(r"^part-(\d{5})\.parquet$")
 
 # Keys of the Parquet footer's key-value metadata that make a shard self-describing.
 META_FINGERPRINT = b"avr.fingerprint"
@@ -73,14 +66,11 @@ META_RECORD_TYPE = b"avr.record_type"
 META_SCHEMA_VERSION = b"avr.schema_version"
 META_SHARD_INDEX = b"avr.shard_index"
 META_ROWS = b"avr.rows"
+META_STATS = b"avr.stats"
 
 
-class StorageError(RuntimeError):
-    """Stored data is missing, inconsistent, or was changed behind the store's back."""
-
-
-class StorageUnreachableError(StorageError):
-    """The store root cannot be written or read (no such bucket, no permission, no endpoint)."""
+class StepIncompleteError(StorageError):
+    """A step cannot be sealed: some of its shards are not committed yet."""
 
 
 class ShardInfo(BaseModel):
@@ -104,41 +94,32 @@ class Manifest(BaseModel):
     created_at: str
 
 
+class StepStatus(BaseModel):
+    """What storage says about one step of a run (for `avr runs` / `avr show`)."""
+
+    stage: str
+    step: str
+    status: Literal["complete", "partial", "empty"]
+    rows: int | None = None
+    shards: int = 0
+    record_type: str | None = None
+    fingerprint: str | None = None
+
+
+class CommittedShard(NamedTuple):
+    """A committed shard as found on storage: its info and the stats in its footer."""
+
+    info: ShardInfo
+    stats: dict[str, Any]
+
+
 class _ShardFile(NamedTuple):
-    """A whole shard file as read: its info, bytes, and the record type its footer names."""
+    """A whole shard file as read: its info, bytes, footer record type and stats."""
 
     info: ShardInfo
     data: bytes
     record_type: str
-
-
-def _json_default(value: Any) -> Any:
-    """JSON form of the non-JSON values a config may hold."""
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
-    if isinstance(value, PurePath):
-        return str(value)
-    if isinstance(value, Enum):
-        return value.value
-    if isinstance(value, set | frozenset):
-        return sorted(value)
-    raise TypeError(f"config value of type {type(value).__name__} has no JSON form: {value!r}")
-
-
-def config_fingerprint(config: BaseModel | Mapping[str, Any]) -> str:
-    """First 16 hex chars of the sha256 of the config as sorted-key JSON: the shard cache key."""
-    data = config.model_dump(mode="json") if isinstance(config, BaseModel) else dict(config)
-    canonical = json.dumps(
-        data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_json_default
-    )
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
-
-
-def shard_name(index: int) -> str:
-    """File name of shard `index` (`part-00003.parquet`)."""
-    if not 0 <= index <= 99999:
-        raise ValueError(f"shard index must be in 0..99999, got {index}")
-    return f"part-{index:05d}.parquet"
+    stats: dict[str, Any]
 
 
 def _record_class(record_type: type[ArrowRecord] | str) -> type[ArrowRecord]:
@@ -150,17 +131,6 @@ def _record_class(record_type: type[ArrowRecord] | str) -> type[ArrowRecord]:
             )
         return RECORD_TYPES[record_type]
     return record_type
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _check_segment(name: str, value: str) -> str:
-    """Reject run/stage/step names that would escape or split the layout."""
-    if not value or "/" in value or "\\" in value or value in (".", ".."):
-        raise ValueError(f"{name} must be a non-empty name without '/', got {value!r}")
-    return value
 
 
 def _parquet_bytes(table: pa.Table, metadata: dict[bytes, bytes]) -> bytes:
@@ -180,122 +150,34 @@ def _footer_metadata(data: bytes) -> dict[bytes, bytes] | None:
 
 
 class DatasetStore:
-    """Parquet shards, manifests, run JSON and checkpoint directories under one fsspec root."""
+    """Parquet shards, manifests and run records under one fsspec root."""
 
     def __init__(self, root: str, storage_options: dict[str, Any] | None = None) -> None:
-        self.storage_options: dict[str, Any] = dict(storage_options or {})
-        has_protocol = "://" in root
-        self.root: str = root.rstrip("/") if has_protocol else os.path.abspath(root)
-        self.fs, base = fsspec.core.url_to_fs(self.root, **self.storage_options)
-        self._base: str = base.rstrip("/")
-        self._local = isinstance(self.fs, LocalFileSystem)
+        self.files = RootFS(root, storage_options)
+        self.root: str = self.files.root
+        self.storage_options: dict[str, Any] = self.files.storage_options
+        self.fs = self.files.fs
 
     def __repr__(self) -> str:
         return f"DatasetStore({self.root!r})"
 
-    # -- paths -------------------------------------------------------------------------------
+    # -- locations ---------------------------------------------------------------------------
 
-    def _relative(self, uri_or_relative: str) -> str:
-        """Path relative to the root for a URI inside the root or an already relative path."""
-        if uri_or_relative == self.root:
-            return ""
-        if uri_or_relative.startswith(self.root + "/"):
-            return uri_or_relative[len(self.root) + 1 :]
-        if "://" in uri_or_relative or os.path.isabs(uri_or_relative):
-            raise ValueError(f"{uri_or_relative!r} is outside this store's root {self.root!r}")
-        return uri_or_relative.strip("/")
-
-    def _path(self, uri_or_relative: str) -> str:
-        """Filesystem path (what `self.fs` takes) of a URI or root-relative path."""
-        relative = self._relative(uri_or_relative)
-        return f"{self._base}/{relative}" if relative else self._base
-
-    def _uri(self, relative: str) -> str:
-        return f"{self.root}/{relative}" if relative else self.root
-
-    def _step_relative(self, run: str, stage: str, step: str) -> str:
-        return "/".join(
-            [
-                "runs",
-                _check_segment("run", run),
-                _check_segment("stage", stage),
-                _check_segment("step", step),
-            ]
-        )
+    def uri(self, relative: str) -> str:
+        """Full URI of a root-relative layout path."""
+        return self.files.uri(relative)
 
     def step_uri(self, run: str, stage: str, step: str) -> str:
         """URI of a step directory: {root}/runs/{run}/{stage}/{step}."""
-        return self._uri(self._step_relative(run, stage, step))
+        return self.uri(RunLayout(run).step(StepRef(stage, step)))
 
     def shard_uri(self, run: str, stage: str, step: str, index: int) -> str:
         """URI of shard `index` of a step."""
-        return f"{self.step_uri(run, stage, step)}/{shard_name(index)}"
+        return self.uri(RunLayout(run).shard(StepRef(stage, step), index))
 
     def checkpoint_uri(self, run: str, train_step: str) -> str:
-        """URI where a training step's checkpoints are synced: {root}/runs/{run}/checkpoints/{step}."""
-        _check_segment("train_step", train_step)
-        return self._uri(f"runs/{_check_segment('run', run)}/checkpoints/{train_step}")
-
-    # -- raw bytes ---------------------------------------------------------------------------
-
-    def _write_bytes(self, path: str, data: bytes) -> None:
-        """Write a whole file so that readers see either nothing/the old file or all of `data`."""
-        if self._local:
-            directory, name = os.path.split(path)
-            os.makedirs(directory, exist_ok=True)
-            temp = os.path.join(directory, f".{name}.tmp-{uuid.uuid4().hex[:12]}")
-            try:
-                with open(temp, "wb") as handle:
-                    handle.write(data)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.replace(temp, path)
-            finally:
-                if os.path.exists(temp):
-                    os.remove(temp)
-        else:
-            # One PUT: object stores expose an object only once its upload has completed.
-            self.fs.pipe_file(path, data)
-
-    def _read_bytes(self, path: str) -> bytes | None:
-        """The file's bytes, or None if it does not exist."""
-        try:
-            return self.fs.cat_file(path)
-        except FileNotFoundError:
-            return None
-
-    def _remove(self, path: str) -> None:
-        # A listing cached before another process wrote `path` would hide it from exists().
-        self.fs.invalidate_cache(path)
-        if self.fs.exists(path):
-            self.fs.rm_file(path)
-
-    def _list_names(self, directory: str) -> list[str]:
-        """Base names of the entries directly under `directory`; empty if it does not exist."""
-        # Another process may have written here since this filesystem object cached the listing.
-        self.fs.invalidate_cache(directory)
-        try:
-            entries = self.fs.ls(directory, detail=False)
-        except FileNotFoundError:
-            return []
-        return [posixpath.basename(entry.rstrip("/")) for entry in entries]
-
-    def check_reachable(self) -> None:
-        """Write, read back and delete a small probe under the root; fail clearly if that fails."""
-        probe = self._path(f".avr-probe-{uuid.uuid4().hex[:12]}")
-        payload = b"avr-factory store probe"
-        try:
-            if self._local:
-                os.makedirs(self._base, exist_ok=True)
-            self._write_bytes(probe, payload)
-            readback = self._read_bytes(probe)
-            self._remove(probe)
-        except Exception as err:
-            raise StorageUnreachableError(
-                f"storage root {self.root!r} is not usable: {type(err).__name__}: {err}"
-            ) from err
-        if readback != payload:
-            raise StorageUnreachableError(f"storage root {self.root!r} returned a different probe")
+        """URI where a training step's checkpoints are synced."""
+        return self.uri(RunLayout(run).checkpoints(train_step))
 
     # -- shards ------------------------------------------------------------------------------
 
@@ -308,9 +190,11 @@ class DatasetStore:
         records: list[ArrowRecord],
         record_type: type[ArrowRecord] | str,
         fingerprint: str,
+        stats: dict[str, Any] | None = None,
     ) -> ShardInfo:
-        """Commit one shard atomically; replaces an older shard (e.g. another fingerprint)."""
+        """Commit one shard atomically (stats in its footer); replaces an older shard."""
         cls = _record_class(record_type)
+        layout, ref = RunLayout(run), StepRef(stage, step)
         table = records_to_table(records, cls)
         data = _parquet_bytes(
             table,
@@ -320,37 +204,36 @@ class DatasetStore:
                 META_SCHEMA_VERSION: SCHEMA_VERSION.encode(),
                 META_SHARD_INDEX: str(index).encode(),
                 META_ROWS: str(table.num_rows).encode(),
+                META_STATS: json.dumps(stats or {}, sort_keys=True).encode(),
             },
         )
-        step_relative = self._step_relative(run, stage, step)
         # A manifest vouches for the shards as they were; once one changes the step is open again.
-        self._remove(self._path(f"{step_relative}/{MANIFEST_NAME}"))
-        self._write_bytes(self._path(f"{step_relative}/{shard_name(index)}"), data)
+        self.files.remove(layout.manifest(ref))
+        self.files.write_bytes(layout.shard(ref, index), data)
         return ShardInfo(
             index=index,
-            path=self.shard_uri(run, stage, step, index),
+            path=self.uri(layout.shard(ref, index)),
             rows=table.num_rows,
-            sha256=_sha256(data),
+            sha256=sha256_hex(data),
             fingerprint=fingerprint,
         )
 
+    def _shard_indices(self, run: str, stage: str, step: str) -> list[int]:
+        names = self.files.list_names(RunLayout(run).step(StepRef(stage, step)))
+        return sorted(i for i in map(shard_index, names) if i is not None)
+
     def _scan_shards(self, run: str, stage: str, step: str) -> Iterator[_ShardFile]:
         """Every shard of a step that is a whole Parquet file, in index order, whatever its config."""
-        directory = self._path(self._step_relative(run, stage, step))
-        indices = sorted(
-            int(match.group(1))
-            for match in map(SHARD_NAME.match, self._list_names(directory))
-            if match
-        )
-        for index in indices:
+        for index in self._shard_indices(run, stage, step):
             shard = self._load_shard_file(run, stage, step, index)
             if shard is not None:
                 yield shard
 
     def _load_shard_file(self, run: str, stage: str, step: str, index: int) -> _ShardFile | None:
         """Shard `index` with its bytes, or None if it is missing or not a whole file."""
-        uri = self.shard_uri(run, stage, step, index)
-        data = self._read_bytes(self._path(uri))
+        relative = RunLayout(run).shard(StepRef(stage, step), index)
+        uri = self.uri(relative)
+        data = self.files.read_bytes(relative)
         if data is None:
             return None
         metadata = _footer_metadata(data)
@@ -364,20 +247,27 @@ class DatasetStore:
             index=index,
             path=uri,
             rows=int(metadata.get(META_ROWS, b"0")),
-            sha256=_sha256(data),
+            sha256=sha256_hex(data),
             fingerprint=metadata.get(META_FINGERPRINT, b"").decode(),
         )
-        return _ShardFile(info, data, metadata.get(META_RECORD_TYPE, b"").decode())
+        stats = json.loads(metadata.get(META_STATS, b"{}") or b"{}")
+        return _ShardFile(info, data, metadata.get(META_RECORD_TYPE, b"").decode(), stats)
+
+    def committed_shards(
+        self, run: str, stage: str, step: str, fingerprint: str
+    ) -> dict[int, CommittedShard]:
+        """Shards of a step that are whole files written with `fingerprint`, with their stats."""
+        return {
+            shard.info.index: CommittedShard(shard.info, shard.stats)
+            for shard in self._scan_shards(run, stage, step)
+            if shard.info.fingerprint == fingerprint
+        }
 
     def completed_shards(
         self, run: str, stage: str, step: str, fingerprint: str
     ) -> dict[int, ShardInfo]:
         """Shards of a step that are whole files written with `fingerprint`, by index."""
-        return {
-            shard.info.index: shard.info
-            for shard in self._scan_shards(run, stage, step)
-            if shard.info.fingerprint == fingerprint
-        }
+        return {i: c.info for i, c in self.committed_shards(run, stage, step, fingerprint).items()}
 
     # -- manifests ---------------------------------------------------------------------------
 
@@ -394,26 +284,36 @@ class DatasetStore:
 
         With `expected_shards`, shards 0..expected_shards-1 must all be complete (else StorageError).
         """
+        expected = None if expected_shards is None else range(expected_shards)
+        return self.seal(run, StepRef(stage, step), record_type, fingerprint, expected)[0]
+
+    def seal(
+        self,
+        run: str,
+        ref: StepRef,
+        record_type: type[ArrowRecord] | str,
+        fingerprint: str,
+        expected: range | list[int] | None = None,
+    ) -> tuple[Manifest, dict[int, dict[str, Any]]]:
+        """Write the manifest over the `expected` shard indices; returns it and per-shard stats."""
         cls = _record_class(record_type)
-        where = self.step_uri(run, stage, step)
-        scanned = [
-            s for s in self._scan_shards(run, stage, step) if s.info.fingerprint == fingerprint
-        ]
-        shards = {s.info.index: s.info for s in scanned}
-        if expected_shards is not None:
-            missing = sorted(set(range(expected_shards)) - set(shards))
+        where = self.step_uri(run, *ref)
+        scanned = [s for s in self._scan_shards(run, *ref) if s.info.fingerprint == fingerprint]
+        by_index = {s.info.index: s for s in scanned}
+        if expected is not None:
+            missing = sorted(set(expected) - set(by_index))
             if missing:
-                raise StorageError(
+                raise StepIncompleteError(
                     f"{where}: cannot write the manifest, shards {missing} are not complete "
                     f"with fingerprint {fingerprint}"
                 )
-            shards = {i: info for i, info in shards.items() if i < expected_shards}
-        other_types = {s.record_type for s in scanned if s.info.index in shards} - {cls.__name__}
+            by_index = {i: s for i, s in by_index.items() if i in set(expected)}
+        other_types = {s.record_type for s in by_index.values()} - {cls.__name__}
         if other_types:
             raise SchemaMismatchError(
                 f"{where}: shards hold {sorted(other_types)} records, not {cls.__name__}"
             )
-        ordered = [shards[i] for i in sorted(shards)]
+        ordered = [by_index[i].info for i in sorted(by_index)]
         manifest = Manifest(
             schema_version=SCHEMA_VERSION,
             record_type=cls.__name__,
@@ -422,22 +322,21 @@ class DatasetStore:
             total_rows=sum(info.rows for info in ordered),
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         )
-        self._write_bytes(
-            self._path(f"{self._step_relative(run, stage, step)}/{MANIFEST_NAME}"),
-            manifest.model_dump_json(indent=2).encode(),
+        self.files.write_bytes(
+            RunLayout(run).manifest(ref), manifest.model_dump_json(indent=2).encode()
         )
-        return manifest
+        return manifest, {i: s.stats for i, s in sorted(by_index.items())}
 
     def read_manifest(self, run: str, stage: str, step: str) -> Manifest | None:
         """The step's manifest, or None if the step has not been sealed."""
-        uri = f"{self.step_uri(run, stage, step)}/{MANIFEST_NAME}"
-        data = self._read_bytes(self._path(uri))
+        relative = RunLayout(run).manifest(StepRef(stage, step))
+        data = self.files.read_bytes(relative)
         if data is None:
             return None
         try:
             return Manifest.model_validate_json(data)
         except ValueError as err:
-            raise StorageError(f"{uri}: not a valid manifest: {err}") from err
+            raise StorageError(f"{self.uri(relative)}: not a valid manifest: {err}") from err
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -469,15 +368,16 @@ class DatasetStore:
                 f"{where}: manifest has fingerprint {manifest.fingerprint}, expected {fingerprint}"
             )
         shards = []
+        layout, ref = RunLayout(run), StepRef(stage, step)
         for info in sorted(manifest.shards, key=lambda s: s.index):
             # Found by index under this root, so a run directory copied elsewhere still reads.
-            uri = self.shard_uri(run, stage, step, info.index)
-            data = self._read_bytes(self._path(uri))
+            relative = layout.shard(ref, info.index)
+            data = self.files.read_bytes(relative)
             if data is None:
-                raise StorageError(f"{uri}: listed in the manifest but missing")
-            if _sha256(data) != info.sha256:
-                raise StorageError(f"{uri}: changed after the manifest was written")
-            shards.append(_ShardFile(info, data, manifest.record_type))
+                raise StorageError(f"{self.uri(relative)}: listed in the manifest but missing")
+            if sha256_hex(data) != info.sha256:
+                raise StorageError(f"{self.uri(relative)}: changed after the manifest was written")
+            shards.append(_ShardFile(info, data, manifest.record_type, {}))
         return shards
 
     def _shard_table(self, shard: _ShardFile, cls: type[ArrowRecord], where: str) -> pa.Table:
@@ -545,110 +445,49 @@ class DatasetStore:
 
         return datasets.Dataset(self.read_table(run, stage, step, record_type, fingerprint))
 
-    # -- run files ---------------------------------------------------------------------------
+    # -- run records and listings ------------------------------------------------------------
 
     def write_json(self, relative_path: str, obj: Any) -> None:
-        """Write `obj` (JSON-able or pydantic) at a root-relative path, atomically."""
-        data = obj.model_dump(mode="json") if isinstance(obj, BaseModel) else obj
-        text = json.dumps(data, indent=2, sort_keys=True, default=_json_default)
-        self._write_bytes(self._path(relative_path), text.encode("utf-8"))
+        """Write `obj` (JSON-able or pydantic) at a root-relative layout path, atomically."""
+        self.files.write_json(relative_path, obj)
 
     def read_json(self, relative_path: str) -> Any | None:
-        """The JSON at a root-relative path, or None if there is none."""
-        data = self._read_bytes(self._path(relative_path))
-        if data is None:
-            return None
-        try:
-            return json.loads(data)
-        except json.JSONDecodeError as err:
-            raise StorageError(
-                f"{self._uri(self._relative(relative_path))}: bad JSON: {err}"
-            ) from err
+        """The JSON at a root-relative layout path, or None if there is none."""
+        return self.files.read_json(relative_path)
+
+    def check_reachable(self) -> None:
+        """Write, read back and delete a probe under the root; fail clearly if that fails."""
+        self.files.check_reachable()
 
     def list_runs(self) -> list[str]:
         """Names of the runs under the root, sorted."""
-        directory = self._path("runs")
-        self.fs.invalidate_cache(directory)
-        try:
-            entries = self.fs.ls(directory, detail=True)
-        except FileNotFoundError:
-            return []
-        return sorted(
-            posixpath.basename(entry["name"].rstrip("/"))
-            for entry in entries
-            if entry.get("type") == "directory"
-        )
+        return self.files.list_names(RUNS, "directory")
 
-    # -- checkpoint directories --------------------------------------------------------------
-
-    def upload_dir(self, local_dir: str | Path, uri: str) -> int:
-        """Sync a local directory to `uri` (inside the root); returns the number of files sent.
-
-        Files whose sha256 matches the last sync are skipped. The sync marker listing every file
-        is removed first and written last, so an interrupted upload is never taken as complete.
-        Remote files no longer present locally are left in place but are not part of the marker.
-        """
-        local = Path(local_dir)
-        if not local.is_dir():
-            raise FileNotFoundError(f"upload_dir: {local} is not a directory")
-        remote = self._path(uri)
-        marker_path = f"{remote}/{SYNC_MARKER_NAME}"
-        previous = self._read_sync_marker(marker_path) or {}
-        self._remove(marker_path)
-        files: dict[str, dict[str, Any]] = {}
-        sent = 0
-        for file in sorted(p for p in local.rglob("*") if p.is_file()):
-            relative = file.relative_to(local).as_posix()
-            if relative == SYNC_MARKER_NAME:
+    def list_steps(self, run: str) -> list[StepStatus]:
+        """Every {stage}/{step} of a run with its status (checkpoints and records excluded)."""
+        layout = RunLayout(run)
+        statuses = []
+        for stage in self.files.list_names(layout.directory, "directory"):
+            if stage.startswith(("_", ".")) or stage in (CHECKPOINTS, RECORDS):
                 continue
-            digest = _file_sha256(file)
-            files[relative] = {"size": file.stat().st_size, "sha256": digest}
-            if previous.get(relative, {}).get("sha256") == digest and self.fs.exists(
-                f"{remote}/{relative}"
-            ):
-                continue
-            self._put_file(file, f"{remote}/{relative}")
-            sent += 1
-        marker = {"files": files, "synced_at": datetime.now(UTC).isoformat(timespec="seconds")}
-        self._write_bytes(marker_path, json.dumps(marker, indent=2, sort_keys=True).encode())
-        return sent
-
-    def _put_file(self, local_file: Path, path: str) -> None:
-        if self._local:
-            self._write_bytes(path, local_file.read_bytes())
-        else:
-            self.fs.put_file(str(local_file), path)
-
-    def _read_sync_marker(self, marker_path: str) -> dict[str, dict[str, Any]] | None:
-        data = self._read_bytes(marker_path)
-        return None if data is None else json.loads(data)["files"]
-
-    def download_dir(self, uri: str, local_dir: str | Path) -> Path:
-        """Copy a directory synced by `upload_dir` to local disk, verifying every file's sha256."""
-        remote = self._path(uri)
-        files = self._read_sync_marker(f"{remote}/{SYNC_MARKER_NAME}")
-        if files is None:
-            raise FileNotFoundError(
-                f"{uri}: no completed upload here (no {SYNC_MARKER_NAME}; missing or interrupted)"
-            )
-        local = Path(local_dir)
-        for relative, entry in sorted(files.items()):
-            target = local / relative
-            if target.is_file() and _file_sha256(target) == entry["sha256"]:
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            data = self._read_bytes(f"{remote}/{relative}")
-            if data is None or _sha256(data) != entry["sha256"]:
-                raise StorageError(f"{uri}/{relative}: missing or changed since it was uploaded")
-            temp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:12]}")
-            temp.write_bytes(data)
-            os.replace(temp, target)
-        return local
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+            for step in self.files.list_names(f"{layout.directory}/{stage}", "directory"):
+                if step.startswith(("_", ".")):
+                    continue
+                manifest = self.read_manifest(run, stage, step)
+                if manifest is not None:
+                    statuses.append(
+                        StepStatus(
+                            stage=stage,
+                            step=step,
+                            status="complete",
+                            rows=manifest.total_rows,
+                            shards=len(manifest.shards),
+                            record_type=manifest.record_type,
+                            fingerprint=manifest.fingerprint,
+                        )
+                    )
+                    continue
+                shards = len(self._shard_indices(run, stage, step))
+                status = "partial" if shards else "empty"
+                statuses.append(StepStatus(stage=stage, step=step, status=status, shards=shards))
+        return statuses

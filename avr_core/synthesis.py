@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import math
-import statistics
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel, Field
 
+from avr_core.config import TreeConfig
 from avr_core.engines.base import Generator, RewardModel
 from avr_core.schemas import (
     Constraint,
@@ -48,7 +48,6 @@ __all__ = [
     "level_sampling",
     "score_gains",
     "score_trees",
-    "summarize_gains",
 ]
 
 # Levels of one tree; each gets its own seed so e.g. critiques are not sampled with the answer's
@@ -61,20 +60,13 @@ LEVEL_REFINE = "refine"
 class SynthesisStats(BaseModel):
     """Counts of one `generate_trees` call (summed over shards by the tasks)."""
 
-    prompts: int = 0
-    answers: int = 0
+    trees: int = Field(0, description="prompts answered (one tree each)")
     critiques: int = Field(0, description="critiques kept in the trees")
     refinements: int = 0
     format_retries: int = Field(0, description="critique re-samples spent to get a rating")
     dropped_critiques: int = Field(0, description="critiques still unrated after all retries")
     engine_calls: int = 0
     generated_chars: int = Field(0, description="characters of all generated text, retries too")
-
-    def add(self, other: SynthesisStats) -> SynthesisStats:
-        """Field-wise sum, to aggregate the stats of several shards."""
-        return SynthesisStats(
-            **{name: getattr(self, name) + getattr(other, name) for name in type(self).model_fields}
-        )
 
 
 def derive_seed(base_seed: int | None, level: str) -> int | None:
@@ -132,11 +124,7 @@ def generate_trees(
     generator: Generator,
     prompts: list[PromptRecord],
     templates: Templates,
-    x: int,
-    y: int,
-    sampling: Sampling,
-    require_rating: bool,
-    max_format_retries: int,
+    tree: TreeConfig,
     lineage: Lineage,
 ) -> tuple[list[RefinementTree], SynthesisStats]:
     """Answer, critique (x per answer) and refine (y per critique) a shard of prompts.
@@ -144,11 +132,8 @@ def generate_trees(
     Returns one tree per prompt, in prompt order. Trees whose critiques were all dropped keep
     `critiques=[]` so the answer is still scored and counted.
     """
-    if x < 1 or y < 1:
-        raise ValueError(f"x and y must be >= 1, got x={x}, y={y}")
-    if max_format_retries < 0:
-        raise ValueError(f"max_format_retries must be >= 0, got {max_format_retries}")
-    stats = SynthesisStats(prompts=len(prompts))
+    sampling = tree.sampling
+    stats = SynthesisStats()
     if not prompts:
         return [], stats
     for i, prompt in enumerate(prompts):
@@ -166,12 +151,10 @@ def generate_trees(
         [*p.messages, Message(role="assistant", content=samples[0])]
         for p, samples in zip(prompts, answers, strict=True)
     ]
-    stats.answers = len(answered)
+    stats.trees = len(answered)
 
-    slots = _generate_critiques(
-        generator, answered, templates, x, sampling, require_rating, max_format_retries, stats
-    )
-    _generate_refinements(generator, answered, slots, templates, y, sampling, stats)
+    slots = _generate_critiques(generator, answered, templates, tree, stats)
+    _generate_refinements(generator, answered, slots, templates, tree, stats)
 
     tree_lineage = lineage.model_copy(
         update={
@@ -210,18 +193,16 @@ def _generate_critiques(
     generator: Generator,
     answered: list[Conversation],
     templates: Templates,
-    x: int,
-    sampling: Sampling,
-    require_rating: bool,
-    max_format_retries: int,
+    tree: TreeConfig,
     stats: SynthesisStats,
 ) -> list[_CritiqueSlot]:
     """x critiques per answer; with require_rating, unrated ones are re-sampled, then dropped."""
+    sampling = tree.sampling
     critique_prompts = [build_critique_messages(messages, templates) for messages in answered]
     outputs = _chat(
         generator,
         critique_prompts,
-        level_sampling(sampling, LEVEL_CRITIQUE, x),
+        level_sampling(sampling, LEVEL_CRITIQUE, tree.x),
         stats,
         LEVEL_CRITIQUE,
     )
@@ -230,10 +211,10 @@ def _generate_critiques(
         for i, samples in enumerate(outputs)
         for text in samples
     ]
-    if not require_rating:
+    if not tree.require_rating:
         return slots
 
-    for retry_round in range(1, max_format_retries + 1):
+    for retry_round in range(1, tree.max_format_retries + 1):
         missing = [slot for slot in slots if slot.rating is None]
         if not missing:
             break
@@ -261,8 +242,7 @@ def _generate_refinements(
     answered: list[Conversation],
     slots: list[_CritiqueSlot],
     templates: Templates,
-    y: int,
-    sampling: Sampling,
+    tree: TreeConfig,
     stats: SynthesisStats,
 ) -> None:
     """y refinements per kept critique, in one call; stored on the slots in order."""
@@ -270,7 +250,11 @@ def _generate_refinements(
         build_refine_messages(answered[slot.tree_index], slot.text, templates) for slot in slots
     ]
     outputs = _chat(
-        generator, refine_prompts, level_sampling(sampling, LEVEL_REFINE, y), stats, LEVEL_REFINE
+        generator,
+        refine_prompts,
+        level_sampling(tree.sampling, LEVEL_REFINE, tree.y),
+        stats,
+        LEVEL_REFINE,
     )
     for slot, samples in zip(slots, outputs, strict=True):
         slot.refinements = list(samples)
@@ -336,10 +320,3 @@ def score_gains(trees: list[RefinementTree]) -> list[float]:
         if tree.answer_score is not None and not math.isnan(tree.answer_score) and scores:
             gains.append(max(scores) - tree.answer_score)
     return gains
-
-
-def summarize_gains(gains: list[float]) -> tuple[float | None, float | None]:
-    """Mean and median of score gains (None when there are none)."""
-    if not gains:
-        return None, None
-    return statistics.fmean(gains), statistics.median(gains)

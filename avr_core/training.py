@@ -1,26 +1,22 @@
 """SFT and DPO training with TRL, in its own process, with checkpoints synced to storage.
 
 `train(job)` reads the dataset straight from storage, trains with TRL, uploads every trainer
-checkpoint to `{checkpoint_uri}/checkpoint-N` as it is saved, and resumes from the latest uploaded
+checkpoint to `{checkpoints}/checkpoint-N` as it is saved, and resumes from the latest uploaded
 checkpoint when the same job is started again (on any machine). The final model, LoRA merged in,
-goes to `{checkpoint_uri}/final`; `{checkpoint_uri}/_complete.json`, written last, makes a re-run
+goes to `{checkpoints}/final`; `{checkpoints}/_complete.json`, written last, makes a re-run
 return it without training.
 
 Training never runs in the process that holds a vLLM engine (DESIGN section 6):
-`run_training_subprocess(job)` launches `python -m avr_core.training JOB.json` (or
-`accelerate launch` on several GPUs) and returns the final URI the child reports.
-`trl`, `peft` and `torch` are imported inside functions so that `import avr_core.training` works
-without them.
+`run_training_subprocess(job, num_gpus)` launches `python -m avr_core.training JOB.json
+RESULT.json` (or `accelerate launch` on several GPUs) and returns the final URI the child reports.
+The TRL adapter is `avr_core.trl_config`; checkpoint sync is `avr_core.checkpoints`.
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
-import hashlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -31,53 +27,37 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from avr_core.checkpoints import (
+    checkpoint_step,
+    download_dir,
+    synced_checkpoint_steps,
+    upload_dir,
+)
 from avr_core.config import TrainingConfig
+from avr_core.devices import train_on_cpu
+from avr_core.fingerprint import short_hash
+from avr_core.layout import RunLayout, StepRef
 from avr_core.models import TINY_MODEL, resolve_model_dir
 from avr_core.schemas import PreferencePair, SFTExample
+from avr_core.storage import DatasetStore
+from avr_core.trl_config import to_dpo_config, to_lora_config, to_sft_config
 
 if TYPE_CHECKING:
     import datasets
-    import peft
-    import trl
-    from transformers import TrainerCallback
+    from transformers import Trainer, TrainerCallback
 
 __all__ = [
     "TrainJob",
     "TrainingFailedError",
     "run_training_subprocess",
-    "to_dpo_config",
-    "to_lora_config",
-    "to_sft_config",
     "train",
     "training_command",
-    "visible_cuda_devices",
 ]
-
-FINAL_DIR_NAME = "final"
-COMPLETE_MARKER = "_complete.json"
-JOB_MARKER = "_job.json"
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 # The columns TRL reads; the rest (prompt_id, kind, scores, lineage) would reach its collator.
 _TRL_COLUMNS = {"sft": ["messages"], "dpo": ["prompt", "chosen", "rejected"]}
 _RECORD_TYPES = {"sft": SFTExample, "dpo": PreferencePair}
-
-# TrainingConfig fields the adapter maps itself: setting them in `extra` too would be ambiguous.
-_MAPPED_FIELDS = {
-    "output_dir",
-    "learning_rate",
-    "num_train_epochs",
-    "max_steps",
-    "per_device_train_batch_size",
-    "gradient_accumulation_steps",
-    "max_length",
-    "save_steps",
-    "save_strategy",
-    "seed",
-    "use_cpu",
-    "beta",
-    "loss_type",
-}
+_TAIL_LINES = 60
 
 
 class TrainingFailedError(RuntimeError):
@@ -95,17 +75,26 @@ class TrainJob(BaseModel):
         description="bundled model name, local directory or storage URI of a saved model",
     )
     store_root: str = Field(description="storage root URI (file://, s3://, any fsspec URL)")
-    storage_options: dict[str, Any] = Field(default_factory=dict)
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options (credentials): never written out"
+    )
+    cache_dir: str | None = Field(None, description="model cache (None: ~/.cache/avr-factory)")
     run: str
     dataset_stage: str = Field(description="stage holding the training set, e.g. 'stage1'")
     dataset_step: str = Field(description="step holding the training set, e.g. 'rsft'")
     train_step: str = Field(description="name of this training step, e.g. 'stage1_sft'")
     training: TrainingConfig = Field(default_factory=TrainingConfig)
-    work_dir: str = Field(description="local scratch directory for trainer checkpoints")
-    fail_after_step: int | None = Field(
-        None,
-        description="tests only: crash the process after this optimizer step (simulates a kill)",
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="execution.device: cpu forces the CPU even where a GPU is visible"
     )
+    work_dir: str = Field(description="local scratch directory for trainer checkpoints")
+    crash_after_step_for_tests: int | None = Field(
+        None, description="test hook: crash the process after this optimizer step (a kill)"
+    )
+
+    @property
+    def dataset(self) -> StepRef:
+        return StepRef(self.dataset_stage, self.dataset_step)
 
     def fingerprint(self, dataset_identity: str = "") -> str:
         """Hash of what determines the trained model; execution details and test hooks excluded.
@@ -114,183 +103,25 @@ class TrainJob(BaseModel):
         set regenerated under the same step name is not mistaken for the one trained on.
         """
         content = self.model_dump(
-            mode="json", include={"kind", "base_model", "run", "dataset_stage", "dataset_step"}
+            mode="json",
+            include={"kind", "base_model", "run", "dataset_stage", "dataset_step", "training"},
         )
-        content["training"] = self.training.model_dump(mode="json")
-        content["dataset_identity"] = dataset_identity
-        blob = json.dumps(content, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return short_hash({**content, "dataset_identity": dataset_identity})
 
 
 # --------------------------------------------------------------------------------------------
-# Config adapter: our TrainingConfig -> TRL's SFTConfig / DPOConfig / peft LoraConfig
+# Trainer callbacks
 # --------------------------------------------------------------------------------------------
 
 
-def _bf16_supported(use_cpu: bool) -> bool:
-    """bf16 mixed precision only on a CUDA device that has it (TRL's default bf16 fails on CPU)."""
-    if use_cpu:
-        return False
-    import torch
-
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-
-
-def _common_args(cfg: TrainingConfig, output_dir: str, use_cpu: bool) -> dict[str, Any]:
-    """Arguments shared by SFTConfig and DPOConfig."""
-    return {
-        "output_dir": output_dir,
-        "learning_rate": cfg.learning_rate,
-        "num_train_epochs": cfg.num_train_epochs,
-        "max_steps": cfg.max_steps,
-        "per_device_train_batch_size": cfg.per_device_train_batch_size,
-        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-        "max_length": cfg.max_length,
-        "save_strategy": "steps",
-        "save_steps": cfg.save_steps,
-        "seed": cfg.seed,
-        "use_cpu": use_cpu,
-        "bf16": _bf16_supported(use_cpu),
-        "logging_steps": 1,
-        "report_to": "none",
-    }
-
-
-def _apply_extra(args: dict[str, Any], extra: dict[str, Any], config_cls: type) -> dict[str, Any]:
-    """Overlay `extra` on the mapped arguments, refusing keys TRL's config does not have."""
-    known = {f.name for f in dataclasses.fields(config_cls) if f.init}
-    for key in extra:
-        if key not in known:
-            raise ValueError(
-                f"TrainingConfig.extra key {key!r} is not a field of trl.{config_cls.__name__}"
-            )
-        if key in _MAPPED_FIELDS:
-            raise ValueError(
-                f"TrainingConfig.extra key {key!r} is set by the adapter: "
-                "use the TrainingConfig field of that name instead"
-            )
-    return {**args, **extra}
-
-
-def to_sft_config(cfg: TrainingConfig, output_dir: str, use_cpu: bool) -> trl.SFTConfig:
-    """TRL's SFTConfig for our TrainingConfig (DPO-only fields ignored, `extra` passed through)."""
-    from trl import SFTConfig
-
-    args = _apply_extra(_common_args(cfg, output_dir, use_cpu), cfg.extra, SFTConfig)
-    return SFTConfig(**args)
-
-
-def to_dpo_config(cfg: TrainingConfig, output_dir: str, use_cpu: bool) -> trl.DPOConfig:
-    """TRL's DPOConfig for our TrainingConfig, with beta and the (possibly combined) loss types."""
-    from trl import DPOConfig
-
-    args = _common_args(cfg, output_dir, use_cpu)
-    args.update(beta=cfg.beta, loss_type=list(cfg.loss_type))
-    return DPOConfig(**_apply_extra(args, cfg.extra, DPOConfig))
-
-
-def to_lora_config(cfg: TrainingConfig) -> peft.LoraConfig | None:
-    """A LoRA adapter over all linear layers when `use_lora`, else None (full fine-tuning)."""
-    if not cfg.use_lora:
-        return None
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        target_modules="all-linear",
-        task_type="CAUSAL_LM",
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Storage: checkpoint URIs, sync and markers
-# --------------------------------------------------------------------------------------------
-
-
-def _open_store(job: TrainJob):
-    """The job's DatasetStore."""
-    from avr_core.storage import DatasetStore
-
-    return DatasetStore(job.store_root, storage_options=job.storage_options or None)
-
-
-def _filesystem(uri: str, storage_options: dict[str, Any]):
-    """fsspec filesystem and path for `uri` (listing and small markers; the store has no list)."""
-    import fsspec
-
-    return fsspec.core.url_to_fs(uri, **storage_options)
-
-
-def _join(uri: str, *parts: str) -> str:
-    """`uri/part/...` without doubled slashes."""
-    return "/".join([uri.rstrip("/"), *parts])
-
-
-def _relative_to_root(store, uri: str) -> str:
-    """`uri` as a path relative to the store root (what write_json/read_json take)."""
-    prefix = store.root.rstrip("/") + "/"
-    if not uri.startswith(prefix):
-        raise ValueError(f"{uri!r} is outside the store root {store.root!r}")
-    return uri[len(prefix) :]
-
-
-def _write_marker(store, uri: str, obj: dict[str, Any]) -> None:
-    """Write a small JSON file at `uri` atomically (what marks a step as finished)."""
-    store.write_json(_relative_to_root(store, uri), obj)
-
-
-def _read_marker(store, uri: str) -> dict[str, Any] | None:
-    """The JSON at `uri`, or None when it does not exist."""
-    return store.read_json(_relative_to_root(store, uri))
-
-
-def _synced_checkpoint_steps(checkpoint_uri: str, storage_options: dict[str, Any]) -> list[int]:
-    """Global steps of the checkpoints fully uploaded under `checkpoint_uri`, ascending."""
-    from avr_core.storage import SYNC_MARKER_NAME
-
-    fs, root = _filesystem(checkpoint_uri, storage_options)
-    # The crashed run wrote here through another process: drop fsspec's cached listings.
-    fs.invalidate_cache(root)
-    if not fs.exists(root):
-        return []
-    steps = []
-    for entry in fs.ls(root, detail=False):
-        match = _CHECKPOINT_RE.match(entry.rstrip("/").rsplit("/", 1)[-1])
-        # A checkpoint without upload_dir's marker was cut off mid-upload: not resumable.
-        if match and fs.exists(_join(entry, SYNC_MARKER_NAME)):
-            steps.append(int(match.group(1)))
-    return sorted(steps)
-
-
-def _dataset_identity(store, job: TrainJob) -> str:
-    """Hash of the training set's shard hashes from its manifest ("" for an unsealed step)."""
-    manifest = store.read_manifest(job.run, job.dataset_stage, job.dataset_step)
-    if manifest is None:
-        return ""
-    digests = [shard.sha256 for shard in sorted(manifest.shards, key=lambda s: s.index)]
-    return hashlib.sha256(",".join(digests).encode()).hexdigest()[:16]
-
-
-def _check_same_job(store, job: TrainJob, checkpoint_uri: str, fingerprint: str) -> None:
-    """Refuse to resume or reuse checkpoints that a differently configured job wrote."""
-    recorded = _read_marker(store, _join(checkpoint_uri, JOB_MARKER))
-    if recorded is not None and recorded.get("fingerprint") != fingerprint:
-        raise ValueError(
-            f"{checkpoint_uri} holds training step {job.train_step!r} of another job or "
-            f"dataset (fingerprint {recorded.get('fingerprint')}, this job {fingerprint}): "
-            "use a new train_step name or delete the old checkpoints"
-        )
-
-
-def _make_sync_callback(store, checkpoint_uri: str):
+def _make_sync_callback(store: DatasetStore, checkpoints: str) -> TrainerCallback:
     """A TrainerCallback that uploads each saved checkpoint, then marks it synced."""
     from transformers import TrainerCallback
 
-    class SyncCheckpointCallback(TrainerCallback):
+    class SyncCheckpointCallback(TrainerCallback):  # type: ignore[misc]
         """After every checkpoint save, copy `checkpoint-N` to storage (main process only)."""
 
-        def on_save(self, args, state, control, **kwargs):
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
             # Other ranks write their own RNG files into the checkpoint: wait until all are done.
             if args.world_size > 1:
                 from accelerate import PartialState
@@ -298,37 +129,36 @@ def _make_sync_callback(store, checkpoint_uri: str):
                 PartialState().wait_for_everyone()
             if state.is_world_process_zero:
                 name = f"checkpoint-{state.global_step}"
-                remote = _join(checkpoint_uri, name)
                 # upload_dir writes its sync marker last: a cut-off upload never looks complete.
-                store.upload_dir(Path(args.output_dir) / name, remote)
+                upload_dir(store.files, Path(args.output_dir) / name, f"{checkpoints}/{name}")
             return control
 
     return SyncCheckpointCallback()
 
 
-def _make_start_recorder() -> TrainerCallback:
+def _make_start_recorder() -> Any:
     """A callback that notes the global step training (re)starts from (the resume evidence)."""
     from transformers import TrainerCallback
 
-    class StartStepRecorder(TrainerCallback):
+    class StartStepRecorder(TrainerCallback):  # type: ignore[misc]
         start_global_step: int | None = None
 
-        def on_train_begin(self, args, state, control, **kwargs):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
             self.start_global_step = state.global_step
             return control
 
     return StartStepRecorder()
 
 
-def _make_crash_callback(fail_after_step: int) -> TrainerCallback:
-    """A callback that kills training after `fail_after_step` steps (tests of resume)."""
+def _make_crash_callback(after_step: int) -> TrainerCallback:
+    """A callback that kills training after `after_step` steps (tests of resume)."""
     from transformers import TrainerCallback
 
-    class CrashAfterStepCallback(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
+    class CrashAfterStepCallback(TrainerCallback):  # type: ignore[misc]
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
             # on_step_end runs before that step's checkpoint save: crash one step later than a save.
-            if state.global_step >= fail_after_step:
-                raise RuntimeError(f"fail_after_step={fail_after_step}: crashing on purpose")
+            if state.global_step >= after_step:
+                raise RuntimeError(f"crash_after_step_for_tests={after_step}: crashing on purpose")
             return control
 
     return CrashAfterStepCallback()
@@ -339,30 +169,51 @@ def _make_crash_callback(fail_after_step: int) -> TrainerCallback:
 # --------------------------------------------------------------------------------------------
 
 
-def _load_train_dataset(job: TrainJob, store) -> datasets.Dataset:
-    """The training rows from storage, reduced to the columns TRL reads."""
-    dataset = store.read_dataset(
-        job.run, job.dataset_stage, job.dataset_step, _RECORD_TYPES[job.kind]
-    )
-    if len(dataset) == 0:
+def _dataset_identity(store: DatasetStore, job: TrainJob) -> str:
+    """Hash of the training set's shard hashes from its manifest ("" for an unsealed step)."""
+    manifest = store.read_manifest(job.run, *job.dataset)
+    if manifest is None:
+        return ""
+    return short_hash([shard.sha256 for shard in sorted(manifest.shards, key=lambda s: s.index)])
+
+
+def _check_same_job(store: DatasetStore, job: TrainJob, fingerprint: str) -> None:
+    """Refuse to resume or reuse checkpoints that a differently configured job wrote."""
+    layout = RunLayout(job.run)
+    recorded = store.read_json(layout.job_marker(job.train_step))
+    if recorded is not None and recorded.get("fingerprint") != fingerprint:
         raise ValueError(
-            f"training set {job.run}/{job.dataset_stage}/{job.dataset_step} has no rows"
+            f"{store.uri(layout.checkpoints(job.train_step))} holds training step "
+            f"{job.train_step!r} of another job or dataset (fingerprint "
+            f"{recorded.get('fingerprint')}, this job {fingerprint}): "
+            "use a new train_step name or delete the old checkpoints"
         )
+
+
+def _load_train_dataset(job: TrainJob, store: DatasetStore) -> datasets.Dataset:
+    """The training rows from storage, reduced to the columns TRL reads."""
+    where = f"{job.run}/{job.dataset}"
+    dataset = store.read_dataset(job.run, *job.dataset, _RECORD_TYPES[job.kind])
+    if len(dataset) == 0:
+        raise ValueError(f"training set {where} has no rows")
     missing = [c for c in _TRL_COLUMNS[job.kind] if c not in dataset.column_names]
     if missing:
-        raise ValueError(
-            f"training set {job.run}/{job.dataset_stage}/{job.dataset_step} lacks column(s) "
-            f"{missing} needed for {job.kind}"
-        )
+        raise ValueError(f"training set {where} lacks column(s) {missing} needed for {job.kind}")
     return dataset.select_columns(_TRL_COLUMNS[job.kind])
 
 
-def _build_trainer(job: TrainJob, dataset, model_dir: Path, output_dir: Path, callbacks: list):
+def _build_trainer(
+    job: TrainJob,
+    dataset: datasets.Dataset,
+    model_dir: Path,
+    output_dir: Path,
+    callbacks: list[Any],
+) -> Trainer:
     """The TRL trainer for the job (DPO uses the implicit reference model: a frozen copy)."""
     import torch
     from transformers import AutoTokenizer
 
-    use_cpu = not torch.cuda.is_available()
+    use_cpu = train_on_cpu(job.device, torch.cuda.is_available())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -382,10 +233,12 @@ def _build_trainer(job: TrainJob, dataset, model_dir: Path, output_dir: Path, ca
     return DPOTrainer(args=to_dpo_config(job.training, str(output_dir), use_cpu), **common)
 
 
-def _restore_latest_checkpoint(job: TrainJob, store, output_dir: Path, is_main: bool):
+def _restore_latest_checkpoint(
+    job: TrainJob, store: DatasetStore, output_dir: Path, is_main: bool
+) -> Path | None:
     """Download the newest synced checkpoint into `output_dir`; its local path, or None."""
-    checkpoint_uri = store.checkpoint_uri(job.run, job.train_step)
-    steps = _synced_checkpoint_steps(checkpoint_uri, job.storage_options)
+    layout = RunLayout(job.run)
+    steps = synced_checkpoint_steps(store.files, layout.checkpoints(job.train_step))
     if not steps:
         return None
     local = output_dir / f"checkpoint-{steps[-1]}"
@@ -393,11 +246,11 @@ def _restore_latest_checkpoint(job: TrainJob, store, output_dir: Path, is_main: 
         # A local copy may be a half-written save from the crash: storage is the truth.
         if local.exists():
             shutil.rmtree(local)
-        store.download_dir(_join(checkpoint_uri, local.name), local)
+        download_dir(store.files, layout.checkpoint(job.train_step, steps[-1]), local)
     return local
 
 
-def _save_final_model(trainer, tokenizer, final_dir: Path) -> None:
+def _save_final_model(trainer: Trainer, final_dir: Path) -> None:
     """Save the trained model as a plain model directory (LoRA merged in) plus tokenizer."""
     from peft import PeftModel
 
@@ -408,116 +261,79 @@ def _save_final_model(trainer, tokenizer, final_dir: Path) -> None:
     else:
         trainer.save_model(str(final_dir))  # collective on several processes
     if trainer.accelerator.is_main_process:
-        tokenizer.save_pretrained(final_dir)
+        trainer.processing_class.save_pretrained(final_dir)
 
 
-def train(job: TrainJob) -> str:
-    """Train (or resume) the job and return the storage URI of the final model."""
-    store = _open_store(job)
-    checkpoint_uri = store.checkpoint_uri(job.run, job.train_step)
-    final_uri = _join(checkpoint_uri, FINAL_DIR_NAME)
+def train(job: TrainJob) -> dict[str, Any]:
+    """Train (or resume) the job; returns the completion record (with `final_uri`)."""
+    store = DatasetStore(job.store_root, job.storage_options)
+    layout = RunLayout(job.run)
+    final_uri = store.uri(layout.final_model(job.train_step))
     fingerprint = job.fingerprint(_dataset_identity(store, job))
-    _check_same_job(store, job, checkpoint_uri, fingerprint)
-    done = _read_marker(store, _join(checkpoint_uri, COMPLETE_MARKER))
+    _check_same_job(store, job, fingerprint)
+    done = store.read_json(layout.complete_marker(job.train_step))
     if done is not None:
-        _write_result(done)
-        return done["final_uri"]
+        return dict(done)
 
     dataset = _load_train_dataset(job, store)
-    model_dir = resolve_model_dir(job.base_model, job.storage_options or None)
+    cache = Path(job.cache_dir) if job.cache_dir else None
+    model_dir = resolve_model_dir(job.base_model, job.storage_options, cache)
     work_dir = Path(job.work_dir)
     output_dir = work_dir / "trainer"
     start_recorder = _make_start_recorder()
-    callbacks = [_make_sync_callback(store, checkpoint_uri), start_recorder]
-    if job.fail_after_step is not None:
-        callbacks.append(_make_crash_callback(job.fail_after_step))
+    callbacks = [_make_sync_callback(store, layout.checkpoints(job.train_step)), start_recorder]
+    if job.crash_after_step_for_tests is not None:
+        callbacks.append(_make_crash_callback(job.crash_after_step_for_tests))
     trainer = _build_trainer(job, dataset, model_dir, output_dir, callbacks)
     accelerator = trainer.accelerator
 
     if accelerator.is_main_process:
         # storage_options may hold credentials: never write them to storage.
         recorded_job = job.model_dump(mode="json", exclude={"storage_options"})
-        _write_marker(
-            store,
-            _join(checkpoint_uri, JOB_MARKER),
-            {"fingerprint": fingerprint, "job": recorded_job},
+        store.write_json(
+            layout.job_marker(job.train_step), {"fingerprint": fingerprint, "job": recorded_job}
         )
     resume = _restore_latest_checkpoint(job, store, output_dir, accelerator.is_main_process)
     accelerator.wait_for_everyone()
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
-    final_dir = work_dir / FINAL_DIR_NAME
+    final_dir = work_dir / "final"
     if accelerator.is_main_process and final_dir.exists():
         shutil.rmtree(final_dir)
-    _save_final_model(trainer, trainer.processing_class, final_dir)
+    _save_final_model(trainer, final_dir)
     summary = {
         "final_uri": final_uri,
         "fingerprint": fingerprint,
         "kind": job.kind,
         "base_model": job.base_model,
-        "dataset": f"{job.run}/{job.dataset_stage}/{job.dataset_step}",
+        "dataset": f"{job.run}/{job.dataset}",
         "rows": len(dataset),
-        "resumed_from_step": _step_of(resume),
+        "resumed_from_step": checkpoint_step(resume.name) if resume else None,
         "start_global_step": start_recorder.start_global_step,
         "global_step": trainer.state.global_step,
         "train_loss": result.training_loss,
         "completed_at": datetime.now(UTC).isoformat(),
     }
     if accelerator.is_main_process:
-        store.upload_dir(final_dir, final_uri)
+        upload_dir(store.files, final_dir, layout.final_model(job.train_step))
         # Written last: its presence means the final model in storage is whole.
-        _write_marker(store, _join(checkpoint_uri, COMPLETE_MARKER), summary)
-        _write_result(summary)
+        store.write_json(layout.complete_marker(job.train_step), summary)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         # Everything worth keeping is in storage now. Local checkpoints (GBs each with optimizer
         # state) would otherwise pile up on the worker's disk run after run.
         shutil.rmtree(work_dir, ignore_errors=True)
-    return final_uri
-
-
-def _step_of(checkpoint: Path | None) -> int | None:
-    """Global step encoded in a `checkpoint-N` directory name."""
-    if checkpoint is None:
-        return None
-    return int(_CHECKPOINT_RE.match(checkpoint.name).group(1))
+    return summary
 
 
 # --------------------------------------------------------------------------------------------
 # Process isolation
 # --------------------------------------------------------------------------------------------
 
-_RESULT_ENV = "AVR_TRAIN_RESULT"
-_TAIL_LINES = 60
 
-
-def _write_result(summary: dict[str, Any]) -> None:
-    """Hand the summary to the launching process through the file it named, if any."""
-    path = os.environ.get(_RESULT_ENV)
-    # Under `accelerate launch` every rank runs this module; only rank 0 reports.
-    if path and os.environ.get("RANK", "0") == "0":
-        Path(path).write_text(json.dumps(summary, indent=2, sort_keys=True))
-
-
-def visible_cuda_devices() -> int:
-    """Number of CUDA GPUs a child would see, found without initialising CUDA in this process."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
-    nvidia_smi = shutil.which("nvidia-smi")
-    if nvidia_smi is None:
-        return 0
-    try:
-        listing = subprocess.run(
-            [nvidia_smi, "-L"], capture_output=True, text=True, timeout=30, check=True
-        ).stdout
-    except (subprocess.SubprocessError, OSError):
-        return 0
-    return sum(1 for line in listing.splitlines() if line.startswith("GPU "))
-
-
-def training_command(job_path: str, num_gpus: int) -> list[str]:
+def training_command(job_path: str, result_path: str, num_gpus: int) -> list[str]:
     """The command line that trains the job in a fresh process (one per GPU on several GPUs)."""
+    module = ["-m", "avr_core.training", job_path, result_path]
     if num_gpus > 1:
         return [
             sys.executable,
@@ -525,22 +341,21 @@ def training_command(job_path: str, num_gpus: int) -> list[str]:
             "accelerate.commands.launch",
             "--num_processes",
             str(num_gpus),
-            "-m",
-            "avr_core.training",
-            job_path,
+            *module,
         ]
-    return [sys.executable, "-m", "avr_core.training", job_path]
+    return [sys.executable, *module]
 
 
-def run_training_subprocess(job: TrainJob, num_gpus: int | None = None) -> str:
-    """Train in a child process (never in one holding a vLLM engine); return the final URI."""
-    gpus = visible_cuda_devices() if num_gpus is None else num_gpus
+def run_training_subprocess(job: TrainJob, num_gpus: int, env: dict[str, str] | None = None) -> str:
+    """Train in a child process (never in one holding a vLLM engine); return the final URI.
+
+    `env` is the child's environment (default: this process's).
+    """
     with tempfile.TemporaryDirectory(prefix="avr-train-") as tmp:
         job_path = Path(tmp) / "job.json"
         result_path = Path(tmp) / "result.json"
         job_path.write_text(job.model_dump_json(indent=2))
-        env = {**os.environ, _RESULT_ENV: str(result_path)}
-        command = training_command(str(job_path), gpus)
+        command = training_command(str(job_path), str(result_path), num_gpus)
         tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
         # stderr is merged so the tail shows the traceback in order with the trainer's logs.
         with subprocess.Popen(
@@ -551,6 +366,7 @@ def run_training_subprocess(job: TrainJob, num_gpus: int | None = None) -> str:
             errors="replace",
             env=env,
         ) as process:
+            assert process.stdout is not None
             for line in process.stdout:
                 sys.stdout.write(line)
                 tail.append(line)
@@ -564,17 +380,23 @@ def run_training_subprocess(job: TrainJob, num_gpus: int | None = None) -> str:
             raise TrainingFailedError(
                 f"training {job.train_step!r} exited cleanly but wrote no result file"
             )
-        return json.loads(result_path.read_text())["final_uri"]
+        return str(json.loads(result_path.read_text())["final_uri"])
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m avr_core.training JOB.json`: train the job described by the JSON file."""
+    """`python -m avr_core.training JOB.json RESULT.json`: train the job, report its result."""
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m avr_core.training JOB.json", file=sys.stderr)
+    if len(args) != 2:
+        print("usage: python -m avr_core.training JOB.json RESULT.json", file=sys.stderr)
         return 2
     job = TrainJob.model_validate_json(Path(args[0]).read_text())
-    print(f"final model: {train(job)}")
+    summary = train(job)
+    # Under `accelerate launch` every rank runs this; train() returns the same record on each,
+    # and the file is written whole by a rename, so concurrent writers cannot tear it.
+    temp = Path(args[1]).with_suffix(f".tmp-{os.getpid()}")
+    temp.write_text(json.dumps(summary, indent=2, sort_keys=True))
+    temp.replace(args[1])
+    print(f"final model: {summary['final_uri']}")
     return 0
 
 

@@ -1,53 +1,52 @@
-"""Flow parameters: one pydantic model per flow, rendered as a form in the Prefect UI.
+"""Flow parameters: one pydantic model per flow, composed of the section configs of
+`avr_core.config`; each renders as a form in the Prefect UI, with every field described.
 
-Defaults make the embedded demo (tiny model on CPU, rules reward, 24 bundled prompts) finish in
-minutes on a 2-core machine; the paper's settings are noted where they differ. Storage
-credentials and endpoints are infrastructure: they come from the `AVR_STORAGE_OPTIONS`
-environment variable (see tasks.common), never from these parameters.
+A config file nests the same way (`ingest:`, `tree:`, `selection:`, ...); a step flow takes the
+sections it has by name, so one file configures every flow. Defaults make the embedded demo
+(tiny model on CPU, rules reward, 24 bundled prompts) finish in minutes on a 2-core machine.
+Storage credentials and endpoints are infrastructure (`avr_core.settings`), never parameters.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from avr_core.config import ExecutionConfig, ModelSpec, Sampling, SelectionConfig, TrainingConfig
+from avr_core.config import (
+    ExecutionConfig,
+    IngestConfig,
+    ModelSpec,
+    RulesModel,
+    SelectionConfig,
+    TrainingConfig,
+    TransformersModel,
+    TreeConfig,
+    weights_path,
+)
+from avr_core.layout import StepRef
+from avr_core.steps import Stage1Steps, StepIO
 
 __all__ = [
     "BuildPairsParams",
     "GenerateTreesParams",
     "IngestParams",
-    "STAGE1",
+    "RegenerateParams",
+    "RunParams",
     "ScoreTreesParams",
     "SelectRSFTParams",
     "Stage1Params",
-    "Stage1Steps",
-    "StepParams",
-    "TrainParams",
-    "default_prompts",
+    "TrainDPOParams",
+    "TrainSFTParams",
     "default_storage_root",
     "resolve_storage_root",
 ]
 
-STAGE1 = "stage1"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-class Stage1Steps:
-    """Step names of Stage I under runs/{run}/: inputs/prompts, stage1/<step>, checkpoints/<train>."""
-
-    PROMPTS = ("inputs", "prompts")
-    SEED_TREES = (STAGE1, "seed_trees")
-    SEED_SCORED = (STAGE1, "seed_scored")
-    RSFT = (STAGE1, "rsft")
-    SFT_TREES = (STAGE1, "sft_trees")
-    SFT_SCORED = (STAGE1, "sft_scored")
-    PAIRS = (STAGE1, "pairs")
-    TRAIN_SFT = "stage1_sft"
-    TRAIN_DPO = "stage1_dpo"
+_TEMPLATES = "directory of judge/refine/trajectory .jinja templates (default: bundled)"
+_EXECUTION = "how to run (not part of any fingerprint)"
 
 
 def default_storage_root() -> str:
@@ -67,18 +66,6 @@ def resolve_storage_root(root: str) -> str:
     return "file://" + str(Path(root).expanduser().resolve())
 
 
-def default_prompts() -> str:
-    """The bundled demo prompt set."""
-    from avr_core.ingest import bundled_prompts_path
-
-    return bundled_prompts_path()
-
-
-def _demo_sampling() -> Sampling:
-    # The paper's temperature/top_p; short answers keep the CPU demo fast.
-    return Sampling(temperature=0.7, top_p=0.8, max_tokens=128, seed=0)
-
-
 def _demo_sft() -> TrainingConfig:
     return TrainingConfig(learning_rate=1e-5, max_steps=12, max_length=512, save_steps=6)
 
@@ -87,14 +74,8 @@ def _demo_dpo() -> TrainingConfig:
     return TrainingConfig(learning_rate=5e-6, max_steps=8, max_length=512, save_steps=4)
 
 
-def _rules_reward() -> ModelSpec:
-    # Verifiable constraints: exact scores with no weights. The untrained tiny Bradley-Terry RM
-    # (backend "transformers", path "smollm2-135m-bt-rm") stays selectable.
-    return ModelSpec(backend="rules", path="constraints")
-
-
-class StepParams(BaseModel):
-    """What every flow needs: which run, where its data lives, how to execute."""
+class RunParams(BaseModel):
+    """What every flow needs: which run, and where its data lives."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -102,9 +83,6 @@ class StepParams(BaseModel):
     storage_root: str = Field(
         default_factory=default_storage_root,
         description="file://, s3://bucket/prefix or any fsspec URL; local paths become absolute",
-    )
-    execution: ExecutionConfig = Field(
-        default_factory=ExecutionConfig, description="how to run (not part of any fingerprint)"
     )
 
     @field_validator("run_name")
@@ -122,94 +100,157 @@ class StepParams(BaseModel):
     def _absolute_root(cls, value: str) -> str:
         return resolve_storage_root(value)
 
+    def step_io(self, target: StepRef, *sources: StepRef) -> StepIO:
+        """Where a step of this run reads (`sources`) and writes (`target`)."""
+        return StepIO(
+            storage_root=self.storage_root, run=self.run_name, target=target, sources=sources
+        )
 
-class Stage1Params(StepParams):
+
+# Rules give exact rewards without weights (the default reward model below); the untrained tiny
+# Bradley-Terry RM (backend transformers, path smollm2-135m-bt-rm) stays selectable.
+
+
+class Stage1Params(RunParams):
     """The whole of Stage I: trees -> scores -> RSFT -> SFT -> trees -> scores -> DPO pairs -> DPO."""
 
-    prompts: str = Field(
-        default_factory=default_prompts,
-        description="prompt set: JSONL/Parquet path or URI (default: the bundled 24 demo prompts)",
+    ingest: IngestConfig = Field(default_factory=IngestConfig, description="the prompt set")
+    policy: ModelSpec = Field(
+        default_factory=TransformersModel, description="seed policy (trained by SFT, then DPO)"
     )
-    on_bad_row: Literal["error", "skip"] = Field(
-        "error", description="a malformed prompt row fails the run, or is skipped and recorded"
+    reward: ModelSpec = Field(default_factory=RulesModel, description="reward model")
+    templates_dir: str | None = Field(None, description=_TEMPLATES)
+    tree: TreeConfig = Field(default_factory=TreeConfig, description="refinement trees")
+    selection: SelectionConfig = Field(
+        default_factory=SelectionConfig, description="RSFT and DPO selection rules"
     )
-    max_prompts: int | None = Field(None, ge=1, description="use only the first N prompts")
-    shard_size: int = Field(8, ge=1, description="prompts per shard (the unit of checkpointing)")
-    policy: ModelSpec = Field(default_factory=ModelSpec, description="seed policy")
-    reward: ModelSpec = Field(default_factory=_rules_reward, description="reward model")
-    templates_dir: str | None = Field(None, description="directory of .jinja templates")
-    x: int = Field(2, ge=1, description="critiques per answer")
-    y: int = Field(2, ge=1, description="refinements per critique")
-    sampling: Sampling = Field(default_factory=_demo_sampling)
-    require_rating: bool = Field(
-        False,
-        description="re-sample critiques without a [[N]] rating (the paper: True; the tiny "
-        "model never writes one)",
-    )
-    max_format_retries: int = Field(5, ge=0)
-    selection: SelectionConfig = Field(default_factory=SelectionConfig)
-    sft: TrainingConfig = Field(default_factory=_demo_sft)
-    dpo: TrainingConfig = Field(default_factory=_demo_dpo)
+    sft: TrainingConfig = Field(default_factory=_demo_sft, description="RSFT training")
+    dpo: TrainingConfig = Field(default_factory=_demo_dpo, description="DPO training")
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig, description=_EXECUTION)
+
+    @field_validator("policy")
+    @classmethod
+    def _policy_is_trainable(cls, spec: ModelSpec) -> ModelSpec:
+        weights_path(spec, "policy")
+        return spec
 
 
 # ---- the steps, each runnable as its own flow on data already in storage ------------------
 
 
-class IngestParams(StepParams):
+class IngestParams(RunParams):
     """Read, validate and shard a prompt set into the run's inputs/prompts step."""
 
-    prompts: str = Field(default_factory=default_prompts, description="JSONL/Parquet path or URI")
-    on_bad_row: Literal["error", "skip"] = "error"
-    max_prompts: int | None = Field(None, ge=1)
-    shard_size: int = Field(8, ge=1)
+    ingest: IngestConfig = Field(default_factory=IngestConfig, description="the prompt set")
 
 
-class GenerateTreesParams(StepParams):
+class GenerateTreesParams(RunParams):
     """Build refinement trees for a prompts step with a policy."""
 
-    policy: ModelSpec = Field(default_factory=ModelSpec)
-    templates_dir: str | None = None
-    x: int = Field(2, ge=1)
-    y: int = Field(2, ge=1)
-    sampling: Sampling = Field(default_factory=_demo_sampling)
-    require_rating: bool = False
-    max_format_retries: int = Field(5, ge=0)
-    source: tuple[str, str] = Field(Stage1Steps.PROMPTS, description="(stage, step) of prompts")
-    target: tuple[str, str] = Field(Stage1Steps.SEED_TREES, description="(stage, step) to write")
+    policy: ModelSpec = Field(
+        default_factory=TransformersModel,
+        description="the policy that answers, critiques and refines",
+    )
+    templates_dir: str | None = Field(None, description=_TEMPLATES)
+    tree: TreeConfig = Field(default_factory=TreeConfig, description="refinement trees")
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig, description=_EXECUTION)
+    source: StepRef = Field(Stage1Steps.PROMPTS, description="(stage, step) of the prompts")
+    target: StepRef = Field(Stage1Steps.SEED_TREES, description="(stage, step) to write")
 
 
-class ScoreTreesParams(StepParams):
+class ScoreTreesParams(RunParams):
     """Score the answers and refinements of a trees step."""
 
-    reward: ModelSpec = Field(default_factory=_rules_reward)
-    source: tuple[str, str] = Stage1Steps.SEED_TREES
-    target: tuple[str, str] = Stage1Steps.SEED_SCORED
+    reward: ModelSpec = Field(default_factory=RulesModel, description="reward model")
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig, description=_EXECUTION)
+    source: StepRef = Field(Stage1Steps.SEED_TREES, description="(stage, step) of the trees")
+    target: StepRef = Field(Stage1Steps.SEED_SCORED, description="(stage, step) to write")
 
 
-class SelectRSFTParams(StepParams):
+class SelectRSFTParams(RunParams):
     """Pick the RSFT examples of a scored trees step."""
 
-    selection: SelectionConfig = Field(default_factory=SelectionConfig)
-    templates_dir: str | None = None
-    source: tuple[str, str] = Stage1Steps.SEED_SCORED
-    target: tuple[str, str] = Stage1Steps.RSFT
+    selection: SelectionConfig = Field(default_factory=SelectionConfig, description="rules")
+    templates_dir: str | None = Field(None, description=_TEMPLATES)
+    source: StepRef = Field(Stage1Steps.SEED_SCORED, description="(stage, step) of scored trees")
+    target: StepRef = Field(Stage1Steps.RSFT, description="(stage, step) to write")
 
 
-class BuildPairsParams(StepParams):
+class BuildPairsParams(RunParams):
     """Build the DPO preference pairs of a scored trees step."""
 
-    selection: SelectionConfig = Field(default_factory=SelectionConfig)
-    templates_dir: str | None = None
-    source: tuple[str, str] = Stage1Steps.SFT_SCORED
-    target: tuple[str, str] = Stage1Steps.PAIRS
+    selection: SelectionConfig = Field(default_factory=SelectionConfig, description="rules")
+    templates_dir: str | None = Field(None, description=_TEMPLATES)
+    source: StepRef = Field(Stage1Steps.SFT_SCORED, description="(stage, step) of scored trees")
+    target: StepRef = Field(Stage1Steps.PAIRS, description="(stage, step) to write")
 
 
-class TrainParams(StepParams):
-    """Train a model on a dataset step (SFT on SFTExample rows, DPO on PreferencePair rows)."""
+class TrainSFTParams(RunParams):
+    """SFT of the policy on an SFTExample step (by default the run's RSFT set)."""
 
-    base_model: str = Field(
-        "smollm2-135m-instruct", description="bundled name, local directory or storage URI"
+    policy: ModelSpec = Field(
+        default_factory=TransformersModel,
+        description="the model to fine-tune (its path is the base model)",
     )
-    dataset: tuple[str, str] = Stage1Steps.RSFT
-    train_step: str = Stage1Steps.TRAIN_SFT
-    training: TrainingConfig = Field(default_factory=_demo_sft)
+    sft: TrainingConfig = Field(default_factory=_demo_sft, description="training settings")
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig, description=_EXECUTION)
+    dataset: StepRef = Field(Stage1Steps.RSFT, description="(stage, step) of the SFT examples")
+    train_step: str = Field(Stage1Steps.TRAIN_SFT.step, description="name under checkpoints/")
+
+    @field_validator("policy")
+    @classmethod
+    def _policy_is_trainable(cls, spec: ModelSpec) -> ModelSpec:
+        weights_path(spec, "policy")
+        return spec
+
+
+class TrainDPOParams(RunParams):
+    """DPO on a PreferencePair step (by default the run's pairs, from the run's SFT model)."""
+
+    dpo: TrainingConfig = Field(default_factory=_demo_dpo, description="training settings")
+    base_model: str | None = Field(
+        None,
+        description="model to train: bundled name, directory or storage URI (default: this "
+        "run's SFT model, checkpoints/stage1_sft/final)",
+    )
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig, description=_EXECUTION)
+    dataset: StepRef = Field(Stage1Steps.PAIRS, description="(stage, step) of the pairs")
+    train_step: str = Field(Stage1Steps.TRAIN_DPO.step, description="name under checkpoints/")
+
+
+class RegenerateParams(RunParams):
+    """Nightly regeneration of the Stage I datasets; `run_name` names the dataset.
+
+    Publishes `runs/{run_name}-{YYYYMMDD}` and points `versions/{run_name}/latest.json` at it,
+    generating trees only for prompts no earlier version (made with the same settings) has.
+    """
+
+    ingest: IngestConfig = Field(default_factory=IngestConfig, description="today's prompt set")
+    policy: ModelSpec = Field(default_factory=TransformersModel, description="seed policy")
+    reward: ModelSpec = Field(default_factory=RulesModel, description="reward model")
+    templates_dir: str | None = Field(None, description=_TEMPLATES)
+    tree: TreeConfig = Field(default_factory=TreeConfig, description="refinement trees")
+    selection: SelectionConfig = Field(
+        default_factory=SelectionConfig, description="RSFT and DPO selection rules"
+    )
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig, description=_EXECUTION)
+    version: str | None = Field(
+        None, description="YYYYMMDD of the version to publish (default: today in `timezone`)"
+    )
+    timezone: str = Field("UTC", description="time zone that decides today's date")
+
+    @field_validator("version")
+    @classmethod
+    def _check_version(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"\d{8}", value):
+            raise ValueError(f"version {value!r} must be a date written YYYYMMDD")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _check_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as err:
+            raise ValueError(f"unknown time zone {value!r}") from err
+        return value

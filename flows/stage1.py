@@ -8,145 +8,79 @@ the same run name reuses every finished shard and resumes training from its sync
 
 from __future__ import annotations
 
-from typing import Any
-
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from avr_core.reporting import render_run_markdown, report_rows, text_table
-from flows.params import Stage1Params, Stage1Steps
-from tasks.common import StepResult, open_store, record_run_start
-from tasks.stage1 import (
-    build_pairs_task,
-    generate_trees_task,
-    ingest_prompts_task,
-    score_trees_task,
-    select_rsft_task,
-)
-from tasks.training import TrainResult, train_model_task
+from avr_core.config import weights_path
+from avr_core.layout import RunLayout
+from avr_core.reporting import format_run_summary, render_run_markdown
+from avr_core.results import RunSummary
+from avr_core.steps import Stage1Steps as S
+from flows.params import RunParams, Stage1Params
+from tasks.datasets import build_pairs_task, select_rsft_task
+from tasks.engines import open_store
+from tasks.prompts import ingest_prompts_task
+from tasks.runlog import artifact_key, record_run_start
+from tasks.training import train_model_task
+from tasks.trees import generate_trees_task, score_trees_task
 
-__all__ = ["format_stage1_summary", "print_stage1_summary", "stage1"]
+__all__ = ["stage1", "start_run_task"]
 
 
 @task(name="start-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
-def start_run_task(params: Stage1Params) -> str:
-    """Check the store is writable and record the run's config and code version in run.json."""
+def start_run_task(params: RunParams, flow_name: str, run: str | None = None) -> str:
+    """Check the store is writable and record the run's config and code version; returns the
+    run record's URI."""
     store = open_store(params.storage_root)
     store.check_reachable()
-    record_run_start(store, params.run_name, "stage1", params)
-    return store.root
+    run = run or params.run_name
+    record_run_start(store, run, flow_name, params)
+    return store.uri(RunLayout(run).run_record)
 
 
 @flow(name="stage1", log_prints=True)
-def stage1(params: Stage1Params | None = None) -> dict[str, Any]:
-    """Run Stage I end to end; returns dataset URIs, checkpoint URIs and counts."""
-    params = params or Stage1Params()
-    root, run, s = params.storage_root, params.run_name, Stage1Steps
-    start_run_task(params)
+def stage1(params: Stage1Params | None = None) -> RunSummary:
+    """Run Stage I end to end; returns where every dataset and checkpoint is, and counts."""
+    p = params or Stage1Params()
+    run_record_uri = start_run_task(p, "stage1")
 
-    prompts = ingest_prompts_task(
-        root, run, params.prompts, params.shard_size, params.on_bad_row, params.max_prompts,
-        s.PROMPTS,
-    )  # fmt: skip
+    prompts = ingest_prompts_task(p.step_io(S.PROMPTS), p.ingest)
 
     seed_trees = generate_trees_task(
-        root, run, params.policy, params.templates_dir, params.x, params.y, params.sampling,
-        params.require_rating, params.max_format_retries, params.execution, s.PROMPTS, s.SEED_TREES,
-    )  # fmt: skip
-    seed_scored = score_trees_task(
-        root, run, params.reward, params.execution, s.SEED_TREES, s.SEED_SCORED
+        p.step_io(S.SEED_TREES, S.PROMPTS), p.policy, p.tree, p.templates_dir, p.execution
     )
-    rsft = select_rsft_task(
-        root, run, params.selection, params.templates_dir, s.SEED_SCORED, s.RSFT
+    seed_scored = score_trees_task(p.step_io(S.SEED_SCORED, S.SEED_TREES), p.reward, p.execution)
+    rsft = select_rsft_task(p.step_io(S.RSFT, S.SEED_SCORED), p.selection, p.templates_dir)
+    sft = train_model_task(
+        p.step_io(S.TRAIN_SFT, S.RSFT), "sft", weights_path(p.policy), p.sft, p.execution
     )
-    sft = train_model_task(root, run, "sft", params.policy.path, s.RSFT, s.TRAIN_SFT, params.sft)
 
-    sft_policy = params.policy.model_copy(update={"path": sft.final_uri})
+    sft_policy = p.policy.model_copy(update={"path": sft.final_uri})
     sft_trees = generate_trees_task(
-        root, run, sft_policy, params.templates_dir, params.x, params.y, params.sampling,
-        params.require_rating, params.max_format_retries, params.execution, s.PROMPTS, s.SFT_TREES,
-    )  # fmt: skip
-    sft_scored = score_trees_task(
-        root, run, params.reward, params.execution, s.SFT_TREES, s.SFT_SCORED
+        p.step_io(S.SFT_TREES, S.PROMPTS), sft_policy, p.tree, p.templates_dir, p.execution
     )
-    pairs = build_pairs_task(
-        root, run, params.selection, params.templates_dir, s.SFT_SCORED, s.PAIRS
+    sft_scored = score_trees_task(p.step_io(S.SFT_SCORED, S.SFT_TREES), p.reward, p.execution)
+    pairs = build_pairs_task(p.step_io(S.PAIRS, S.SFT_SCORED), p.selection, p.templates_dir)
+    dpo = train_model_task(
+        p.step_io(S.TRAIN_DPO, S.PAIRS), "dpo", sft.final_uri, p.dpo, p.execution
     )
-    dpo = train_model_task(root, run, "dpo", sft.final_uri, s.PAIRS, s.TRAIN_DPO, params.dpo)
 
-    summary = stage1_summary(
-        run,
-        root,
-        [prompts, seed_trees, seed_scored, rsft, sft_trees, sft_scored, pairs],
-        [sft, dpo],
+    summary = RunSummary(
+        flow="stage1",
+        run=p.run_name,
+        storage_root=p.storage_root,
+        run_record_uri=run_record_uri,
+        steps=[prompts, seed_trees, seed_scored, rsft, sft_trees, sft_scored, pairs],
+        models=[sft, dpo],
     )
     create_markdown_artifact(
-        markdown=render_run_markdown(f"Stage I run {run}", summary["steps"])
-        + "\n"
-        + "\n".join(f"- {t['train_step']}: `{t['final_uri']}`" for t in summary["models"]),
-        key=f"{run}-stage1-summary".lower().replace("_", "-").replace(".", "-"),
-        description=f"Stage I summary of run {run}",
+        markdown=render_run_markdown(summary),
+        key=artifact_key(p.run_name, "stage1-summary"),
+        description=f"Stage I summary of run {p.run_name}",
     )
     return summary
 
 
-def stage1_summary(
-    run: str, root: str, steps: list[StepResult], models: list[TrainResult]
-) -> dict[str, Any]:
-    """Plain-JSON summary: every dataset step (URI, rows, counts) and every trained model."""
-    return {
-        "run": run,
-        "storage_root": root,
-        "steps": [
-            {
-                "name": f"{step.stage}/{step.step}",
-                "uri": step.uri,
-                "rows": step.rows,
-                "shards": step.shards,
-                "shards_computed": step.shards_computed,
-                "counts": step.counts,
-                "gain_mean": step.gain_mean,
-                "gain_median": step.gain_median,
-            }
-            for step in steps
-        ],
-        "models": [model.model_dump(mode="json") for model in models],
-        "datasets": {f"{step.stage}/{step.step}": step.uri for step in steps},
-        "checkpoints": {model.train_step: model.final_uri for model in models},
-    }
-
-
-def format_stage1_summary(summary: dict[str, Any]) -> str:
-    """Where the datasets and checkpoints are, and one table of what each step holds."""
-    rows = []
-    for step in summary["steps"]:
-        details = ", ".join(
-            f"{label} {value}"
-            for label, value in report_rows(
-                step["counts"], step.get("gain_mean"), step.get("gain_median")
-            )
-        )
-        rows.append((step["name"], str(step["rows"]), details))
-    lines = [
-        f"Stage I run {summary['run']!r} in {summary['storage_root']}",
-        "",
-        text_table(rows, ("step", "rows", "details")),
-        "",
-        "Datasets (Parquet shards + _manifest.json):",
-        *[f"  {name:<20} {uri}" for name, uri in summary["datasets"].items()],
-        "",
-        "Trained models:",
-        *[f"  {name:<20} {uri}" for name, uri in summary["checkpoints"].items()],
-        f"  run record           {summary['storage_root']}/runs/{summary['run']}/run.json",
-    ]
-    return "\n".join(lines)
-
-
-def print_stage1_summary(summary: dict[str, Any]) -> None:
-    """Print `format_stage1_summary` (what `avr demo` shows at the end)."""
-    print(format_stage1_summary(summary))
-
-
 if __name__ == "__main__":
-    print_stage1_summary(stage1())
+    print(format_run_summary(stage1()))

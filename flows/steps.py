@@ -9,23 +9,24 @@ from __future__ import annotations
 
 from prefect import flow
 
+from avr_core.config import weights_path
+from avr_core.layout import CHECKPOINTS, RunLayout, StepRef
+from avr_core.results import StepResult, TrainResult
+from avr_core.steps import Stage1Steps
 from flows.params import (
     BuildPairsParams,
     GenerateTreesParams,
     IngestParams,
     ScoreTreesParams,
     SelectRSFTParams,
-    TrainParams,
+    TrainDPOParams,
+    TrainSFTParams,
 )
-from tasks.common import StepResult
-from tasks.stage1 import (
-    build_pairs_task,
-    generate_trees_task,
-    ingest_prompts_task,
-    score_trees_task,
-    select_rsft_task,
-)
-from tasks.training import TrainResult, train_model_task
+from tasks.datasets import build_pairs_task, select_rsft_task
+from tasks.engines import open_store
+from tasks.prompts import ingest_prompts_task
+from tasks.training import train_model_task
+from tasks.trees import generate_trees_task, score_trees_task
 
 __all__ = [
     "build_pairs_flow",
@@ -41,10 +42,7 @@ __all__ = [
 @flow(name="ingest-prompts")
 def ingest_prompts_flow(params: IngestParams) -> StepResult:
     """Store a prompt set as the run's inputs/prompts shards."""
-    p = params
-    return ingest_prompts_task(
-        p.storage_root, p.run_name, p.prompts, p.shard_size, p.on_bad_row, p.max_prompts
-    )
+    return ingest_prompts_task(params.step_io(Stage1Steps.PROMPTS), params.ingest)
 
 
 @flow(name="generate-trees")
@@ -52,51 +50,45 @@ def generate_trees_flow(params: GenerateTreesParams) -> StepResult:
     """Refinement trees for a prompts step."""
     p = params
     return generate_trees_task(
-        p.storage_root, p.run_name, p.policy, p.templates_dir, p.x, p.y, p.sampling,
-        p.require_rating, p.max_format_retries, p.execution, tuple(p.source), tuple(p.target),
-    )  # fmt: skip
+        p.step_io(p.target, p.source), p.policy, p.tree, p.templates_dir, p.execution
+    )
 
 
 @flow(name="score-trees")
 def score_trees_flow(params: ScoreTreesParams) -> StepResult:
     """Reward scores for a trees step."""
     p = params
-    return score_trees_task(
-        p.storage_root, p.run_name, p.reward, p.execution, tuple(p.source), tuple(p.target)
-    )
+    return score_trees_task(p.step_io(p.target, p.source), p.reward, p.execution)
 
 
 @flow(name="select-rsft")
 def select_rsft_flow(params: SelectRSFTParams) -> StepResult:
     """RSFT examples from a scored trees step."""
     p = params
-    return select_rsft_task(
-        p.storage_root, p.run_name, p.selection, p.templates_dir, tuple(p.source), tuple(p.target)
-    )
+    return select_rsft_task(p.step_io(p.target, p.source), p.selection, p.templates_dir)
 
 
 @flow(name="build-pairs")
 def build_pairs_flow(params: BuildPairsParams) -> StepResult:
     """DPO preference pairs from a scored trees step."""
     p = params
-    return build_pairs_task(
-        p.storage_root, p.run_name, p.selection, p.templates_dir, tuple(p.source), tuple(p.target)
-    )
+    return build_pairs_task(p.step_io(p.target, p.source), p.selection, p.templates_dir)
 
 
 @flow(name="train-sft")
-def train_sft_flow(params: TrainParams) -> TrainResult:
-    """SFT on an SFTExample step (e.g. stage1/rsft)."""
+def train_sft_flow(params: TrainSFTParams) -> TrainResult:
+    """SFT of the policy on an SFTExample step (e.g. stage1/rsft)."""
     p = params
-    return train_model_task(
-        p.storage_root, p.run_name, "sft", p.base_model, tuple(p.dataset), p.train_step, p.training
-    )
+    io = p.step_io(StepRef(CHECKPOINTS, p.train_step), p.dataset)
+    return train_model_task(io, "sft", weights_path(p.policy, "policy"), p.sft, p.execution)
 
 
 @flow(name="train-dpo")
-def train_dpo_flow(params: TrainParams) -> TrainResult:
-    """DPO on a PreferencePair step (e.g. stage1/pairs)."""
+def train_dpo_flow(params: TrainDPOParams) -> TrainResult:
+    """DPO on a PreferencePair step (e.g. stage1/pairs); by default from this run's SFT model."""
     p = params
-    return train_model_task(
-        p.storage_root, p.run_name, "dpo", p.base_model, tuple(p.dataset), p.train_step, p.training
+    base_model = p.base_model or open_store(p.storage_root).uri(
+        RunLayout(p.run_name).final_model(Stage1Steps.TRAIN_SFT.step)
     )
+    io = p.step_io(StepRef(CHECKPOINTS, p.train_step), p.dataset)
+    return train_model_task(io, "dpo", base_model, p.dpo, p.execution)

@@ -1,14 +1,24 @@
-"""Stage I end to end on the tiny model: datasets, artifacts, run.json, and trained weights."""
+"""Stage I end to end on the tiny model: datasets, artifacts, run records, and trained weights."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-from avr_core.config import ExecutionConfig, ModelSpec, SelectionConfig, TrainingConfig
+from avr_core.checkpoints import download_dir
+from avr_core.config import (
+    ExecutionConfig,
+    IngestConfig,
+    RulesModel,
+    SelectionConfig,
+    TrainingConfig,
+    TreeConfig,
+)
+from avr_core.layout import RunLayout
 from avr_core.models import ensure_tiny_model
+from avr_core.reporting import ShardStats, format_run_summary, gain_summary, merge_stats
+from avr_core.results import RunSummary, StepResult
 from avr_core.schemas import (
     PreferencePair,
     PromptRecord,
@@ -17,10 +27,11 @@ from avr_core.schemas import (
     SFTExample,
     table_to_records,
 )
+from avr_core.settings import AvrSettings
+from avr_core.steps import Stage1Steps
 from avr_core.storage import DatasetStore
-from flows.params import Stage1Params, Stage1Steps, resolve_storage_root
-from flows.stage1 import format_stage1_summary, stage1
-from tasks.common import STORAGE_OPTIONS_ENV, storage_options_from_env
+from flows.params import Stage1Params, resolve_storage_root
+from flows.stage1 import stage1
 
 PROBE_TENSOR = "model.layers.0.self_attn.q_proj.weight"
 
@@ -29,14 +40,11 @@ def _tiny_params(run: str, root: str) -> Stage1Params:
     return Stage1Params(
         run_name=run,
         storage_root=root,
-        max_prompts=4,
-        shard_size=2,
-        x=2,
-        y=2,
+        ingest=IngestConfig(max_prompts=4, shard_size=2),
         # Short generations: the test machine has 2 shared cores (about 1 tok/s per sequence).
-        sampling=Sampling(max_tokens=32, seed=0),
+        tree=TreeConfig(x=2, y=2, sampling=Sampling(max_tokens=32, seed=0)),
         # A length penalty breaks ties between equally compliant answers: pairs get made.
-        reward=ModelSpec(backend="rules", path="constraints", length_penalty=1.0),
+        reward=RulesModel(length_penalty=1.0),
         selection=SelectionConfig(rsft_include_original=True),
         # No intermediate checkpoints (1.5 GB each with optimizer state on this model): training
         # resume from a synced checkpoint is tested in test_training.py.
@@ -62,7 +70,7 @@ def _local_model(uri: str, store: DatasetStore, tmp_path: Path) -> Path:
     if uri.startswith("file://"):
         return Path(uri.removeprefix("file://"))
     target = tmp_path / uri.rsplit("/", 2)[-2]
-    return store.download_dir(uri, target)
+    return download_dir(store.files, uri, target)
 
 
 def _artifact_markdown(key: str) -> str:
@@ -77,9 +85,11 @@ def _artifact_markdown(key: str) -> str:
     return found[-1].data
 
 
-def _check_run(summary: dict, params: Stage1Params, store: DatasetStore, tmp_path: Path) -> None:
+def _check_run(
+    summary: RunSummary, params: Stage1Params, store: DatasetStore, tmp_path: Path
+) -> None:
     run = params.run_name
-    steps = {step["name"]: step for step in summary["steps"]}
+    steps = {step.name: step.model_dump() for step in summary.steps}
     prompts = table_to_records(
         store.read_table(run, *Stage1Steps.PROMPTS, PromptRecord), PromptRecord
     )
@@ -93,11 +103,11 @@ def _check_run(summary: dict, params: Stage1Params, store: DatasetStore, tmp_pat
         assert all(t.answer_score is not None for t in trees)
         assert all(len(c.refinements) == 2 for t in trees for c in t.critiques)
         assert sum(len(t.critiques) for t in trees) == 8
-        assert steps["/".join(ref)]["counts"]["scored_candidates"] == 4 * (1 + 2 * 2)
+        assert steps[str(ref)]["counts"]["scored_candidates"] == 4 * (1 + 2 * 2)
     sft_trees = table_to_records(
         store.read_table(run, *Stage1Steps.SFT_TREES, RefinementTree), RefinementTree
     )
-    sft_uri = summary["checkpoints"][Stage1Steps.TRAIN_SFT]
+    sft_uri = summary.checkpoints[Stage1Steps.TRAIN_SFT.step]
     assert all(t.lineage.generator == f"transformers:{sft_uri}" for t in sft_trees)
     assert all(t.lineage.run == run for t in sft_trees)
 
@@ -119,21 +129,25 @@ def _check_run(summary: dict, params: Stage1Params, store: DatasetStore, tmp_pat
     key = f"{run}-stage1-pairs".replace("_", "-")
     markdown = _artifact_markdown(key)
     assert f"| pairs | {pair_counts['pairs']} |" in markdown
-    run_json = store.read_json(f"runs/{run}/run.json")
+    layout = RunLayout(run)
+    run_json = store.read_json(layout.run_record)
     assert run_json["config"]["run_name"] == run
     assert "git_commit" in run_json["code_version"]
-    assert run_json["steps"]["stage1/sft_trees"]["wall_seconds"] > 0
-    assert {"stage1/seed_trees", "checkpoints/stage1_sft", "checkpoints/stage1_dpo"} <= set(
-        run_json["steps"]
-    )
+    assert summary.run_record_uri == store.uri(layout.run_record)
+    # One small record per step (never one shared file that parallel tasks rewrite).
+    assert store.read_json(layout.step_record(Stage1Steps.SFT_TREES))["wall_seconds"] > 0
+    for ref in (Stage1Steps.SEED_TREES, Stage1Steps.TRAIN_SFT, Stage1Steps.TRAIN_DPO):
+        assert store.read_json(layout.step_record(ref)) is not None, ref
 
     # SFT moved the base weights; DPO moved the SFT weights.
     base = _tensor(ensure_tiny_model())
     sft = _tensor(_local_model(sft_uri, store, tmp_path))
-    dpo = _tensor(_local_model(summary["checkpoints"][Stage1Steps.TRAIN_DPO], store, tmp_path))
+    dpo_uri = summary.checkpoints[Stage1Steps.TRAIN_DPO.step]
+    dpo = _tensor(_local_model(dpo_uri, store, tmp_path))
     assert base.shape == sft.shape == dpo.shape
     assert not base.equal(sft) and not sft.equal(dpo)
-    assert Stage1Steps.TRAIN_DPO in format_stage1_summary(summary)
+    printed = format_run_summary(summary)
+    assert dpo_uri in printed and sft_uri in printed and str(Stage1Steps.PAIRS) in printed
 
 
 def _check_trl_preference_rows(dataset) -> None:
@@ -168,11 +182,11 @@ def test_stage1_end_to_end_on_s3(prefect_harness, s3_location, tmp_path, monkeyp
     import json
 
     # Credentials and endpoint are infrastructure: they reach the tasks through the environment.
-    monkeypatch.setenv(STORAGE_OPTIONS_ENV, json.dumps(s3_location.storage_options))
-    assert storage_options_from_env() == s3_location.storage_options
+    monkeypatch.setenv("AVR_STORAGE_OPTIONS", json.dumps(s3_location.storage_options))
+    assert AvrSettings().storage_options == s3_location.storage_options
     params = _tiny_params("e2e-s3", s3_location.root)
     summary = stage1(params)
-    assert summary["checkpoints"][Stage1Steps.TRAIN_DPO].startswith("s3://")
+    assert summary.checkpoints[Stage1Steps.TRAIN_DPO.step].startswith("s3://")
     store = DatasetStore(s3_location.root, s3_location.storage_options)
     _check_run(summary, params, store, tmp_path)
 
@@ -188,35 +202,56 @@ def test_storage_root_defaults_to_absolute_file_uri(tmp_path, monkeypatch):
         Stage1Params(run_name="../escape")
 
 
-def test_storage_options_env_must_be_a_json_object(monkeypatch):
-    monkeypatch.setenv(STORAGE_OPTIONS_ENV, "[1, 2]")
+def test_storage_options_setting_must_be_a_json_object(monkeypatch):
+    monkeypatch.setenv("AVR_STORAGE_OPTIONS", "[1, 2]")
     with pytest.raises(ValueError, match="JSON object"):
-        storage_options_from_env()
-    monkeypatch.setenv(STORAGE_OPTIONS_ENV, "{bad")
-    with pytest.raises(ValueError, match="not valid JSON"):
-        storage_options_from_env()
-    monkeypatch.delenv(STORAGE_OPTIONS_ENV)
-    assert storage_options_from_env() == {}
-    assert os.environ.get(STORAGE_OPTIONS_ENV) is None
+        AvrSettings()
+    monkeypatch.setenv("AVR_STORAGE_OPTIONS", "{bad")
+    with pytest.raises(ValueError, match="storage_options"):
+        AvrSettings()
+    monkeypatch.setenv("AVR_STORAGE_OPTIONS", '{"anon": true}')
+    assert AvrSettings().storage_options == {"anon": True}
+    monkeypatch.delenv("AVR_STORAGE_OPTIONS")
+    assert AvrSettings().storage_options == {}
+
+
+def _step(counts: dict[str, int], gain: tuple[float | None, float | None]) -> StepResult:
+    return StepResult(
+        stage="stage1",
+        step="pairs",
+        uri="s3://b/p",
+        fingerprint="f",
+        rows=3,
+        shards=2,
+        shards_computed=1,
+        shards_skipped=1,
+        counts=counts,
+        gain_mean=gain[0],
+        gain_median=gain[1],
+    )
 
 
 def test_step_report_merges_shards_and_renders_every_counter():
-    from avr_core.reporting import ShardStats, gain_summary, merge_stats, render_step_markdown
+    from avr_core.reporting import render_step_markdown
 
     merged = merge_stats(
         [
             ShardStats(
-                counts={"pairs": 2, "pairs_generation": 2}, gains=[0.5], seconds={"compute": 1}
+                counts={"pairs": 2, "pairs_generation": 2},
+                values={"gain": [0.5]},
+                seconds={"compute": 1},
             ),
-            ShardStats(counts={"pairs": 1, "pairs_critique": 1}, gains=[-0.1, float("nan")]),
+            ShardStats(
+                counts={"pairs": 1, "pairs_critique": 1}, values={"gain": [-0.1, float("nan")]}
+            ),
         ]
     )
     assert merged.counts == {"pairs": 3, "pairs_generation": 2, "pairs_critique": 1}
-    mean, median = gain_summary(merged.gains)
+    assert merged.seconds == {"compute": 1}
+    mean, median = gain_summary(merged.values["gain"])
     assert mean == pytest.approx(0.2) and median == pytest.approx(0.2)
-    markdown = render_step_markdown(
-        "stage1/pairs", "s3://b/p", merged.counts, mean, median, 1, 1, {}
-    )
+    markdown = render_step_markdown(_step(merged.counts, (mean, median)))
     assert "| pairs | 3 |" in markdown and "| pairs: critique | 1 |" in markdown
     assert "| mean score gain | +0.2000 |" in markdown
+    assert "| shards reused (already done) | 1 |" in markdown
     assert gain_summary([]) == (None, None)

@@ -7,26 +7,27 @@ fresh work directory resumes from the checkpoint synced to storage.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from avr_core.config import TrainingConfig
+from avr_core.config import DPO_LOSS_TYPES, TrainingConfig
+from avr_core.devices import train_on_cpu, visible_cuda_devices
+from avr_core.layout import COMPLETE_MARKER
 from avr_core.models import TINY_MODEL, resolve_model_dir
 from avr_core.schemas import Lineage, Message, PreferencePair, SFTExample
 from avr_core.training import (
-    COMPLETE_MARKER,
     TrainingFailedError,
     TrainJob,
     run_training_subprocess,
-    to_dpo_config,
-    to_lora_config,
-    to_sft_config,
     train,
     training_command,
 )
+from avr_core.trl_config import to_dpo_config, to_lora_config, to_sft_config
 
 RUN = "test-run"
 PROBE_PARAMETER = "model.layers.0.mlp.down_proj.weight"
@@ -115,16 +116,35 @@ def test_lora_config_only_when_enabled():
 
 
 def test_training_command_uses_accelerate_on_several_gpus():
-    assert training_command("job.json", 1)[1:] == ["-m", "avr_core.training", "job.json"]
-    multi = training_command("job.json", 4)
+    module = ["-m", "avr_core.training", "job.json", "result.json"]
+    assert training_command("job.json", "result.json", 1)[1:] == module
+    multi = training_command("job.json", "result.json", 4)
     assert multi[1:3] == ["-m", "accelerate.commands.launch"]
     assert multi[multi.index("--num_processes") + 1] == "4"
-    assert multi[-3:] == ["-m", "avr_core.training", "job.json"]
+    assert multi[-4:] == module
+
+
+def test_execution_device_reaches_the_trainer():
+    # `execution.device: cpu` must keep training on the CPU even where CUDA is available.
+    assert train_on_cpu("cpu", cuda_available=True)
+    assert not train_on_cpu("auto", cuda_available=True)
+    assert train_on_cpu("auto", cuda_available=False)
+    assert not train_on_cpu("cuda", cuda_available=True)
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        train_on_cpu("cuda", cuda_available=False)
+
+
+def test_visible_cuda_devices_counts_the_given_list():
+    assert visible_cuda_devices("0,1") == 2
+    assert visible_cuda_devices("") == 0
+    assert visible_cuda_devices("-1") == 0
 
 
 def test_fingerprint_ignores_execution_details(tmp_path):
     job = _job("sft", f"file://{tmp_path}", tmp_path / "a", TrainingConfig())
-    moved = job.model_copy(update={"work_dir": str(tmp_path / "b"), "fail_after_step": 3})
+    moved = job.model_copy(
+        update={"work_dir": str(tmp_path / "b"), "crash_after_step_for_tests": 3, "device": "cpu"}
+    )
     assert moved.fingerprint() == job.fingerprint()
     retuned = job.model_copy(update={"training": TrainingConfig(learning_rate=1e-3)})
     assert retuned.fingerprint() != job.fingerprint()
@@ -196,6 +216,7 @@ def _job(kind: str, store_root: str, work_dir: Path, training: TrainingConfig, *
         train_step=f"stage1_{kind}",
         training=training,
         work_dir=str(work_dir),
+        device="cpu",
         **kw,
     )
 
@@ -235,7 +256,7 @@ def _complete_marker(final_uri: str) -> dict:
 def test_sft_changes_weights_and_rerun_is_idempotent(store_root, tmp_path):
     before = _probe(resolve_model_dir(TINY_MODEL))
     job = _job("sft", store_root, tmp_path / "work", _tiny_training(save_steps=2))
-    final_uri = train(job)
+    final_uri = train(job)["final_uri"]
 
     assert final_uri.endswith("/checkpoints/stage1_sft/final")
     after = _probe(_local(final_uri))
@@ -259,7 +280,7 @@ def test_sft_changes_weights_and_rerun_is_idempotent(store_root, tmp_path):
 
     # Same job again (even from another work dir): the stored model comes back, no retraining.
     again = train(job.model_copy(update={"work_dir": str(tmp_path / "elsewhere")}))
-    assert again == final_uri
+    assert again["final_uri"] == final_uri
     assert _complete_marker(final_uri) == marker
     assert not (tmp_path / "elsewhere").exists()
 
@@ -274,7 +295,7 @@ def test_sft_changes_weights_and_rerun_is_idempotent(store_root, tmp_path):
 def test_dpo_changes_weights(store_root, tmp_path):
     before = _probe(resolve_model_dir(TINY_MODEL))
     training = _tiny_training(beta=0.1, loss_type=["sigmoid"])
-    final_uri = train(_job("dpo", store_root, tmp_path / "work", training))
+    final_uri = train(_job("dpo", store_root, tmp_path / "work", training))["final_uri"]
 
     assert final_uri.endswith("/checkpoints/stage1_dpo/final")
     assert not torch.equal(before, _probe(_local(final_uri)))
@@ -288,7 +309,7 @@ def test_crashed_lora_training_resumes_and_saves_a_merged_model(store_root, tmp_
     training = _tiny_training(
         max_steps=4, save_steps=2, use_lora=True, lora_r=4, lora_alpha=8, learning_rate=1e-3
     )
-    job = _job("sft", store_root, tmp_path / "first", training, fail_after_step=3)
+    job = _job("sft", store_root, tmp_path / "first", training, crash_after_step_for_tests=3)
     with pytest.raises(TrainingFailedError, match="crashing on purpose"):
         run_training_subprocess(job, num_gpus=0)
 
@@ -297,7 +318,9 @@ def test_crashed_lora_training_resumes_and_saves_a_merged_model(store_root, tmp_
     assert not (checkpoints / COMPLETE_MARKER).exists()
 
     # A fresh work dir (another machine, say): the checkpoint can only come from storage.
-    rerun = job.model_copy(update={"work_dir": str(tmp_path / "second"), "fail_after_step": None})
+    rerun = job.model_copy(
+        update={"work_dir": str(tmp_path / "second"), "crash_after_step_for_tests": None}
+    )
     final_uri = run_training_subprocess(rerun, num_gpus=0)
 
     marker = _complete_marker(final_uri)
@@ -336,3 +359,17 @@ def test_subprocess_failure_reports_the_error(tmp_path):
     with pytest.raises(TrainingFailedError, match="exited with code") as info:
         run_training_subprocess(job, num_gpus=0)
     assert "rsft" in str(info.value)
+
+
+def test_dpo_loss_types_are_checked_when_the_config_is_built():
+    from pydantic import ValidationError
+    from trl import DPOConfig
+
+    with pytest.raises(ValidationError, match="loss_type"):
+        TrainingConfig(loss_type=["sigmoid", "sigmod"])
+    # Our list is TRL's: every value we accept is one TRL's DPOConfig documents, and back.
+    help_text = next(f for f in dataclasses.fields(DPOConfig) if f.name == "loss_type").metadata[
+        "help"
+    ]
+    documented = set(re.findall(r"`'([a-z_]+)'`", help_text))
+    assert set(DPO_LOSS_TYPES) == documented

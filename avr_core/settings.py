@@ -1,0 +1,69 @@
+"""Infrastructure settings: where storage is and how to reach it, caches, credentials, code version.
+
+One `AvrSettings` object is built at the edge (a Prefect task, the CLI, the training child's job)
+from `AVR_*` environment variables and passed down; nothing else in `avr_core` reads the
+environment. Settings never feed a fingerprint and never reach flow parameters, run records or
+manifests (credentials live here).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["AvrSettings", "default_cache_dir"]
+
+
+def default_cache_dir() -> Path:
+    """~/.cache/avr-factory: converted models, fetched checkpoints, trainer scratch."""
+    return Path.home() / ".cache" / "avr-factory"
+
+
+class AvrSettings(BaseSettings):
+    """Everything the factory needs from its environment, read once (`AvrSettings()`)."""
+
+    model_config = SettingsConfigDict(env_prefix="AVR_", extra="ignore", frozen=True)
+
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec storage options as a JSON object (endpoint_url, key, secret, ...)",
+    )
+    cache_dir: Path = Field(
+        default_factory=default_cache_dir,
+        description="converted bundled models, models fetched from storage, trainer scratch",
+    )
+    git_commit: str | None = Field(
+        None, description="code version when the tree has no .git (the Docker image bakes it in)"
+    )
+    openai_api_key: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("AVR_OPENAI_API_KEY", "OPENAI_API_KEY"),
+        description="bearer token for OpenAI-compatible servers",
+    )
+    vllm_cpu_kv_cache_gib: float = Field(
+        1.0,
+        gt=0,
+        description="KV cache size of a vLLM engine on a CPU (a bound on host memory per engine)",
+    )
+    cuda_visible_devices: str | None = Field(
+        None,
+        validation_alias=AliasChoices("CUDA_VISIBLE_DEVICES"),
+        description="the GPUs this process may use (set by the worker); None = all",
+    )
+
+    @field_validator("storage_options", mode="before")
+    @classmethod
+    def _storage_options_object(cls, value: Any) -> Any:
+        # pydantic-settings decodes the JSON; anything but an object is a configuration error.
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(
+                f"AVR_STORAGE_OPTIONS must be a JSON object, got {type(value).__name__}"
+            )
+        return value or {}
+
+    def api_key(self) -> str | None:
+        """The OpenAI-compatible bearer token, or None."""
+        return self.openai_api_key.get_secret_value() if self.openai_api_key else None

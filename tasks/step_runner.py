@@ -1,0 +1,74 @@
+"""Runs an `avr_core.steps` plan inside a Prefect task: logs each shard to the run logger, shows
+a shard bar when a person watches a terminal, and reports the sealed step (artifact + record).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from prefect import get_run_logger
+from tqdm.auto import tqdm
+
+from avr_core.results import StepResult
+from avr_core.steps import ShardCompute, ShardEvent, StepPlan, run_step
+from tasks.engines import LazyEngine
+from tasks.runlog import publish_step_report, record_step
+
+__all__ = ["execute_plan"]
+
+
+def execute_plan(
+    plan: StepPlan,
+    compute: ShardCompute,
+    engine: LazyEngine[Any] | None = None,
+    extra_counts: Mapping[str, int] | None = None,
+) -> StepResult:
+    """Compute every pending shard of `plan`, seal the step, publish and record it."""
+    logger = get_run_logger()
+    logger.info(
+        "%s: %d shards, %d already done with fingerprint %s, %d to compute",
+        plan.target,
+        len(plan.indices),
+        len(plan.done),
+        plan.fingerprint,
+        len(plan.pending),
+    )
+    # A shard bar when a person watches a terminal (`avr demo`, `avr run`); workers just log.
+    bar = tqdm(
+        total=len(plan.pending),
+        desc=str(plan.target),
+        unit="shard",
+        disable=not sys.stderr.isatty(),
+    )
+
+    def progress(event: ShardEvent) -> None:
+        bar.update(1)
+        if event.error is not None:
+            logger.error("%s shard %d failed: %s", event.target, event.index, event.error)
+            return
+        logger.info(
+            "%s shard %d (%d/%d): %d rows in %.1fs (+%.2fs storage)",
+            event.target,
+            event.index,
+            event.position,
+            event.total,
+            event.rows,
+            event.compute_seconds,
+            event.storage_seconds,
+        )
+
+    started = time.perf_counter()
+    try:
+        result = run_step(plan, compute, progress, extra_counts)
+    finally:
+        bar.close()
+        if engine is not None:
+            engine.close()
+    if engine is not None and engine.load_seconds:
+        result.seconds["engine_load"] = round(engine.load_seconds, 3)
+    publish_step_report(plan.run, result)
+    record_step(plan.store, plan.run, plan.target, time.perf_counter() - started, result)
+    return result
