@@ -28,6 +28,7 @@ test: test-main test-vllm
 
 test-main: install
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/pytest -m "not vllm"
 
 test-vllm: install-vllm
@@ -36,6 +37,7 @@ test-vllm: install-vllm
 lint:
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 format:
 	$(BIN)/ruff format .

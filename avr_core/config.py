@@ -229,7 +229,7 @@ class TrainingConfig(_Strict):
     max_length: int = Field(1024, ge=16, description="tokens per example (longer are truncated)")
     beta: float = Field(0.1, gt=0, description="DPO only: strength of the KL penalty")
     loss_type: list[DPOLossType] = Field(
-        default_factory=lambda: ["sigmoid"],
+        default_factory=lambda: list[DPOLossType](["sigmoid"]),
         min_length=1,
         description="DPO only: TRL loss type(s); several are summed (e.g. [sigmoid, sft])",
     )

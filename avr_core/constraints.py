@@ -92,7 +92,9 @@ def count_keyword(text: str, keyword: str) -> int:
 
 
 def _within(value: int, args: Mapping[str, Any]) -> bool:
-    return args.get("min", 0) <= value <= args.get("max", value)
+    low: int = args.get("min", 0)
+    high: int = args.get("max", value)
+    return low <= value <= high
 
 
 def _strip_code_fence(text: str) -> str:

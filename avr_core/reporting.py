@@ -71,8 +71,8 @@ def merge_stats(shards: Iterable[ShardStats]) -> ShardStats:
     for shard in shards:
         for key, value in shard.counts.items():
             merged.counts[key] = merged.counts.get(key, 0) + value
-        for key, value in shard.seconds.items():
-            merged.seconds[key] = merged.seconds.get(key, 0.0) + value
+        for key, seconds in shard.seconds.items():
+            merged.seconds[key] = merged.seconds.get(key, 0.0) + seconds
         for key, values in shard.values.items():
             merged.values.setdefault(key, []).extend(values)
     return merged

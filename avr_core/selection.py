@@ -17,7 +17,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import NamedTuple, TypeGuard
 
 from avr_core.config import SelectionConfig
 from avr_core.schemas import (
@@ -79,7 +79,7 @@ def is_degenerate(text: str, threshold: int = DEFAULT_DEGENERATE_THRESHOLD) -> b
     return any(count >= threshold for count in counts.values())
 
 
-def _has_score(score: float | None) -> bool:
+def _has_score(score: float | None) -> TypeGuard[float]:
     """A usable score: present and not NaN (a failed reward call is treated as unscored)."""
     return score is not None and not math.isnan(score)
 
@@ -88,8 +88,9 @@ def _scored_refinements(critiques: list[Critique]) -> Iterator[_Scored]:
     """Refinements that have a score, in tree order."""
     for ci, critique in enumerate(critiques):
         for ri, refinement in enumerate(critique.refinements):
-            if _has_score(refinement.score):
-                yield _Scored(ci, ri, refinement.text, refinement.score)
+            score = refinement.score
+            if _has_score(score):
+                yield _Scored(ci, ri, refinement.text, score)
 
 
 def _first_highest(candidates: list[_Scored]) -> _Scored | None:
@@ -185,11 +186,12 @@ def build_preference_pairs(
     threshold = cfg.degenerate_repeat_threshold
     scored = list(_scored_refinements(tree.critiques))
     best = _first_highest(scored)
+    answer_score = tree.answer_score
     if (
         is_degenerate(tree.answer, threshold)
         or best is None
-        or not _has_score(tree.answer_score)
-        or not best.score - tree.answer_score > 0
+        or not _has_score(answer_score)
+        or not best.score - answer_score > 0
         or is_degenerate(best.text, threshold)
     ):
         return []
@@ -222,24 +224,26 @@ def build_preference_pairs(
             best.text,
             tree.answer,
             best.score,
-            tree.answer_score,
+            answer_score,
         )
     ]
 
     values = _critique_values(scored)
-    best_c = worst_c = None
-    for ci, value in values.items():  # dict order is tree order: strict comparisons keep the first
-        if best_c is None or value > values[best_c]:
+    # dict order is tree order: strict comparisons keep the first. `scored` is not empty here.
+    best_c = worst_c = next(iter(values))
+    for ci, value in values.items():
+        if value > values[best_c]:
             best_c = ci
-        if worst_c is None or value < values[worst_c]:
+        if value < values[worst_c]:
             worst_c = ci
     under_best_c = [item for item in scored if item.critique_index == best_c]
     hi = _first_highest(under_best_c)
     best_c_text = tree.critiques[best_c].text
     if (
-        best_c == worst_c
+        hi is None
+        or best_c == worst_c
         or values[best_c] <= values[worst_c]
-        or hi.score < tree.answer_score
+        or hi.score < answer_score
         or is_degenerate(best_c_text, threshold)
     ):
         return pairs
@@ -260,9 +264,10 @@ def build_preference_pairs(
 
     lo = _first_lowest(under_best_c)
     if (
-        len(under_best_c) >= 2
+        lo is not None
+        and len(under_best_c) >= 2
         and hi.score > lo.score
-        and lo.score != tree.answer_score
+        and lo.score != answer_score
         and not is_degenerate(hi.text, threshold)
         and not is_degenerate(lo.text, threshold)
     ):
@@ -308,6 +313,7 @@ def assemble_trajectory(search: GreedySearch, templates: Templates) -> SFTExampl
 
     steps = []
     for index, round_ in improving:
+        assert round_.best is not None  # `improving` holds only rounds with a best
         ci, ri = round_.best
         if not (
             0 <= ci < len(round_.critiques) and 0 <= ri < len(round_.critiques[ci].refinements)
@@ -351,28 +357,30 @@ def build_length_controlled_pair(sample: CoTSample, cfg: SelectionConfig) -> Pre
     for symmetry with the other rules (no threshold applies here yet).
     """
     del cfg
-    candidates = [s for s in sample.samples if s.final_answer is not None and _has_score(s.score)]
-    if not candidates or not _has_score(sample.reference_score):
+    # (score, final answer, response) of every sample with a parsed final answer and a score
+    candidates = [
+        (s.score, s.final_answer, s.response)
+        for s in sample.samples
+        if s.final_answer is not None and _has_score(s.score)
+    ]
+    reference = sample.reference_score
+    if not candidates or not _has_score(reference):
         return None
     best = worst = candidates[0]
     for candidate in candidates[1:]:
-        if candidate.score > best.score:
+        if candidate[0] > best[0]:
             best = candidate
-        if candidate.score < worst.score:
+        if candidate[0] < worst[0]:
             worst = candidate
-    if not (
-        best.score > sample.reference_score
-        and best.score > worst.score
-        and len(best.final_answer) <= len(worst.final_answer)
-    ):
+    if not (best[0] > reference and best[0] > worst[0] and len(best[1]) <= len(worst[1])):
         return None
     return PreferencePair(
         prompt_id=sample.prompt_id,
         kind="trajectory",
         prompt=list(sample.prompt),
-        chosen=[_assistant(best.response)],
-        rejected=[_assistant(worst.response)],
-        chosen_score=best.score,
-        rejected_score=worst.score,
+        chosen=[_assistant(best[2])],
+        rejected=[_assistant(worst[2])],
+        chosen_score=best[0],
+        rejected_score=worst[0],
         lineage=sample.lineage,
     )

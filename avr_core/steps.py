@@ -260,6 +260,18 @@ def run_shards(
                 for source in plan.sources
             )
             output = compute(index, inputs)
+            computed = time.perf_counter() - started
+            output.stats.seconds["compute"] = output.stats.seconds.get("compute", 0.0) + computed
+            write_started = time.perf_counter()
+            store.write_shard(
+                run,
+                *plan.target,
+                index,
+                list(output.records),
+                plan.record_type,
+                plan.fingerprint,
+                stats=output.stats.model_dump(mode="json"),
+            )
         except Exception as err:  # noqa: BLE001 - one bad shard must not cost the finished ones
             ran.failed[index] = f"{type(err).__name__}: {err}"
             logger.error("%s shard %d failed: %s", plan.target, index, ran.failed[index])
@@ -268,18 +280,6 @@ def run_shards(
                     ShardEvent(plan.target, index, position, len(todo), error=ran.failed[index])
                 )
             continue
-        computed = time.perf_counter() - started
-        output.stats.seconds["compute"] = output.stats.seconds.get("compute", 0.0) + computed
-        write_started = time.perf_counter()
-        store.write_shard(
-            run,
-            *plan.target,
-            index,
-            list(output.records),
-            plan.record_type,
-            plan.fingerprint,
-            stats=output.stats.model_dump(mode="json"),
-        )
         ran.computed.append(index)
         event = ShardEvent(
             plan.target,
@@ -296,11 +296,16 @@ def run_shards(
     return ran
 
 
-def seal_step(plan: StepPlan, extra_counts: Mapping[str, int] | None = None) -> StepResult:
+def seal_step(
+    plan: StepPlan,
+    extra_counts: Mapping[str, int] | None = None,
+    computed: int | None = None,
+) -> StepResult:
     """Write the manifest once every shard of the plan is committed; the step's summary.
 
     Statistics come from the committed shards' footers, so a step finished over several
-    attempts (or workers) reports all of its shards.
+    attempts (or workers) reports all of its shards. `computed` is how many shards the caller
+    computed itself (default: every shard that was pending when the step was planned).
     """
     manifest, shard_stats = plan.store.seal(
         plan.run, plan.target, plan.record_type, plan.fingerprint, list(plan.indices)
@@ -316,7 +321,7 @@ def seal_step(plan: StepPlan, extra_counts: Mapping[str, int] | None = None) -> 
         fingerprint=manifest.fingerprint,
         rows=manifest.total_rows,
         shards=len(manifest.shards),
-        shards_computed=len(plan.pending),
+        shards_computed=len(plan.pending) if computed is None else computed,
         shards_skipped=len(plan.done),
         counts=stats.counts,
         gain_mean=gain_mean,
@@ -339,4 +344,4 @@ def run_step(
             f"{plan.uri}: {len(ran.failed)} of {len(plan.indices)} shards failed "
             f"(the others are committed; re-run to compute only these): {listing}"
         )
-    return seal_step(plan, extra_counts)
+    return seal_step(plan, extra_counts, computed=len(ran.computed))

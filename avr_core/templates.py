@@ -68,7 +68,7 @@ class Templates:
             )
         template = self._environment.from_string(self.sources[name])
         try:
-            text = template.render(**variables)
+            text: str = template.render(**variables)
         except jinja2.UndefinedError as err:
             raise ValueError(
                 f"template {name}{TEMPLATE_SUFFIX} in {self.directory}: {err.message}"

@@ -38,7 +38,7 @@ from avr_core.devices import train_on_cpu
 from avr_core.fingerprint import short_hash
 from avr_core.layout import RunLayout, StepRef
 from avr_core.models import TINY_MODEL, resolve_model_dir
-from avr_core.schemas import PreferencePair, SFTExample
+from avr_core.schemas import ArrowRecord, PreferencePair, SFTExample
 from avr_core.storage import DatasetStore
 from avr_core.trl_config import to_dpo_config, to_lora_config, to_sft_config
 
@@ -56,7 +56,7 @@ __all__ = [
 
 # The columns TRL reads; the rest (prompt_id, kind, scores, lineage) would reach its collator.
 _TRL_COLUMNS = {"sft": ["messages"], "dpo": ["prompt", "chosen", "rejected"]}
-_RECORD_TYPES = {"sft": SFTExample, "dpo": PreferencePair}
+_RECORD_TYPES: dict[str, type[ArrowRecord]] = {"sft": SFTExample, "dpo": PreferencePair}
 _TAIL_LINES = 60
 
 

@@ -1,8 +1,10 @@
 """Stage I tree-synthesis benchmark: factory throughput vs the raw engine, and time per shard.
 
 On the same prompts in one process:
-1. the factory path, shard by shard as the generate/score tasks run it: `generate_trees` (answers,
-   critiques, refinements), `score_trees`, and committing both shards to a DatasetStore;
+1. the factory path exactly as the generate/score tasks run it (without Prefect): the step
+   protocol of `avr_core.steps` (plan, read each input shard, compute, commit with stats in the
+   footer, seal) with the tasks' own per-shard functions from `avr_core.step_kinds`, on a real
+   DatasetStore;
 2. the raw engine: exactly the `generator.chat` calls the factory made (same conversations, same
    sampling and seeds, recorded in step 1) replayed back to back.
 Throughput is generated tokens / second (tokens counted with the model's tokenizer), so the ratio
@@ -16,17 +18,32 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from avr_core.config import ExecutionConfig, ModelSpec
+from avr_core.config import ExecutionConfig, RulesModel, TreeConfig, parse_model_spec
 from avr_core.engines import load_generator, load_reward_model
-from avr_core.ingest import bundled_prompts_path, read_prompts, shard_prompts
+from avr_core.ingest import bundled_prompts_path, read_prompts
+from avr_core.layout import StepRef
 from avr_core.models import resolve_model_dir
 from avr_core.reporting import text_table
-from avr_core.schemas import Lineage, Message, RefinementTree, Sampling
+from avr_core.schemas import Conversation, Lineage, PromptRecord, RefinementTree, Sampling
+from avr_core.step_kinds import scoring_shards, tree_shards
+from avr_core.steps import (
+    ShardEvent,
+    ShardOutput,
+    Source,
+    plan_step,
+    run_step,
+    split_into_shards,
+)
 from avr_core.storage import DatasetStore
-from avr_core.synthesis import generate_trees, score_trees
 from avr_core.templates import load_templates
+
+RUN = "bench"
+PROMPTS = StepRef("inputs", "prompts")
+TREES = StepRef("stage1", "trees")
+SCORED = StepRef("stage1", "scored")
 
 
 @dataclass
@@ -34,14 +51,14 @@ class RecordingGenerator:
     """Passes calls through to a generator and keeps them for the raw replay."""
 
     inner: object
-    calls: list[tuple[list[list[Message]], Sampling]] = field(default_factory=list)
+    calls: list[tuple[list[Conversation], Sampling]] = field(default_factory=list)
     seconds: float = 0.0  # time spent inside the engine during the factory run
 
     @property
     def model_id(self) -> str:
         return self.inner.model_id
 
-    def chat(self, conversations: list[list[Message]], sampling: Sampling) -> list[list[str]]:
+    def chat(self, conversations: list[Conversation], sampling: Sampling) -> list[list[str]]:
         self.calls.append((conversations, sampling))
         started = time.perf_counter()
         outputs = self.inner.chat(conversations, sampling)
@@ -84,16 +101,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     prompts = read_prompts(bundled_prompts_path()).prompts[: args.prompts]
-    shards = shard_prompts(prompts, args.shard_size)
+    shards = split_into_shards(prompts, args.shard_size)
     templates = load_templates()
-    sampling = Sampling(max_tokens=args.max_tokens, seed=0)
+    tree = TreeConfig(x=args.x, y=args.y, sampling=Sampling(max_tokens=args.max_tokens, seed=0))
     execution = ExecutionConfig(batch_size=args.batch_size)
-    spec = ModelSpec(backend=args.backend, path=args.policy)
+    spec = parse_model_spec({"backend": args.backend, "path": args.policy})
 
     started = time.perf_counter()
     generator = RecordingGenerator(load_generator(spec, execution))
     load_s = time.perf_counter() - started
-    reward = load_reward_model(ModelSpec(backend="rules", path="constraints"), execution)
+    reward = load_reward_model(RulesModel(), execution)
     tokenizer = getattr(generator.inner, "tokenizer", None)
     if tokenizer is None:
         from transformers import AutoTokenizer
@@ -101,39 +118,57 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(args.policy))
 
     # Warm-up (first-call kernel selection, allocator growth) so neither side pays it.
-    generator.inner.chat([prompts[0].messages], sampling.model_copy(update={"max_tokens": 4}))
+    generator.inner.chat([prompts[0].messages], tree.sampling.model_copy(update={"max_tokens": 4}))
 
     root = args.root or tempfile.mkdtemp(prefix="avr-bench-")
     store = DatasetStore(root)
-    lineage = Lineage(run="bench", stage="stage1", step="trees")
-    rows, factory_tokens = [], 0
+    # The input step, as ingest writes it: shards + manifest.
+    inputs = plan_step(store, RUN, PROMPTS, PromptRecord, {"bench": 1}, shard_count=len(shards))
+    run_step(inputs, lambda index, _: ShardOutput(shards[index]))
+    lineage = Lineage(run=RUN, stage=TREES.stage, step=TREES.step)
+    per_shard: dict[int, dict[str, float]] = {}
+
+    def timing(phase: str) -> Callable[[ShardEvent], None]:
+        def progress(event: ShardEvent) -> None:
+            entry = per_shard.setdefault(event.index, {})
+            entry[phase] = event.compute_seconds
+            entry["storage"] = entry.get("storage", 0.0) + event.storage_seconds
+            entry["rows"] = event.rows
+
+        return progress
+
     factory_start = time.perf_counter()
-    for index, shard in enumerate(shards):
-        t0 = time.perf_counter()
-        trees, stats = generate_trees(
-            generator, shard, templates, args.x, args.y, sampling, False, 0, lineage
-        )
-        t1 = time.perf_counter()
-        scored = score_trees(reward, trees)
-        t2 = time.perf_counter()
-        store.write_shard("bench", "stage1", "trees", index, trees, RefinementTree, "bench")
-        store.write_shard("bench", "stage1", "scored", index, scored, RefinementTree, "bench")
-        t3 = time.perf_counter()
+    trees_plan = plan_step(
+        store, RUN, TREES, RefinementTree, {"bench": 1}, [Source(PROMPTS, PromptRecord)]
+    )
+    trees_result = run_step(
+        trees_plan,
+        tree_shards(lambda: generator, templates, tree, lineage),
+        progress=timing("generation"),
+    )
+    scored_plan = plan_step(
+        store, RUN, SCORED, RefinementTree, {"bench": 1}, [Source(TREES, RefinementTree)]
+    )
+    run_step(scored_plan, scoring_shards(lambda: reward), progress=timing("scoring"))
+    factory_s = time.perf_counter() - factory_start
+    factory_tokens = 0
+    rows = []
+    for index in trees_plan.indices:
+        trees = store.read_shard_records(RUN, *TREES, index, RefinementTree)
         tokens = count_tokens(tokenizer, tree_texts(trees))
         factory_tokens += tokens
+        phases = per_shard[index]
         rows.append(
             (
                 str(index),
-                str(len(shard)),
-                str(stats.engine_calls),
+                str(len(shards[index])),
                 str(tokens),
-                f"{t1 - t0:.2f}",
-                f"{t2 - t1:.3f}",
-                f"{t3 - t2:.3f}",
-                f"{t3 - t0:.2f}",
+                f"{phases['generation']:.2f}",
+                f"{phases['scoring']:.3f}",
+                f"{phases['storage']:.3f}",
             )
         )
-    factory_s = time.perf_counter() - factory_start
+    engine_calls = trees_result.counts.get("engine_calls", 0)
 
     raw_start = time.perf_counter()
     raw_tokens = 0
@@ -145,23 +180,14 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"policy {spec.model_id}, {len(prompts)} prompts in {len(shards)} shards, "
         f"x={args.x} y={args.y}, max_tokens={args.max_tokens}, batch_size={args.batch_size}, "
-        f"model load {load_s:.1f}s, store {root}"
+        f"model load {load_s:.1f}s, {engine_calls} engine calls, store {root}"
     )
     print()
     print("Per shard (seconds):")
     print(
         text_table(
             rows,
-            (
-                "shard",
-                "prompts",
-                "engine calls",
-                "tokens",
-                "generation",
-                "scoring",
-                "storage",
-                "total",
-            ),
+            ("shard", "prompts", "tokens", "generation", "scoring", "storage (both steps)"),
         )
     )
     factory_rate = factory_tokens / factory_s

@@ -5,18 +5,15 @@ Pure selection over stored trees (DESIGN section 5 rules in avr_core.selection);
 
 from __future__ import annotations
 
-from collections import Counter
-
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from avr_core.config import SelectionConfig
 from avr_core.fingerprint import selection_step_config
-from avr_core.reporting import ShardStats
 from avr_core.results import StepResult
 from avr_core.schemas import PreferencePair, RefinementTree, SFTExample
-from avr_core.selection import build_preference_pairs, original_sft_example, select_refinement_sft
-from avr_core.steps import ShardOutput, Source, StepIO, plan_step
+from avr_core.step_kinds import pair_shards, rsft_shards
+from avr_core.steps import Source, StepIO, plan_step
 from avr_core.templates import load_templates
 from tasks.engines import open_store
 from tasks.step_runner import execute_plan
@@ -44,23 +41,7 @@ def select_rsft_task(
         [Source(io.source, RefinementTree)],
     )
 
-    def compute(index: int, inputs: tuple[list[RefinementTree], ...]) -> ShardOutput:
-        (trees,) = inputs
-        examples: list[SFTExample] = []
-        originals = 0
-        for tree in trees:
-            example = select_refinement_sft(tree, selection, templates)
-            if example is None and selection.rsft_include_original:
-                example = original_sft_example(tree)
-                originals += 1
-            if example is not None:
-                examples.append(example)
-        counts = {"trees": len(trees), "rsft_examples": len(examples) - originals}
-        if selection.rsft_include_original:
-            counts["original_examples"] = originals
-        return ShardOutput(examples, ShardStats(counts=counts))
-
-    return execute_plan(plan, compute)
+    return execute_plan(plan, rsft_shards(selection, templates))
 
 
 @task(name="build-pairs", cache_policy=NO_CACHE, **_SHARD_RETRIES)
@@ -81,13 +62,4 @@ def build_pairs_task(
         [Source(io.source, RefinementTree)],
     )
 
-    def compute(index: int, inputs: tuple[list[RefinementTree], ...]) -> ShardOutput:
-        (trees,) = inputs
-        pairs = [
-            pair for tree in trees for pair in build_preference_pairs(tree, selection, templates)
-        ]
-        counts = {"trees": len(trees), "pairs": len(pairs)}
-        counts.update({f"pairs_{kind}": n for kind, n in Counter(p.kind for p in pairs).items()})
-        return ShardOutput(pairs, ShardStats(counts=counts))
-
-    return execute_plan(plan, compute)
+    return execute_plan(plan, pair_shards(selection, templates))

@@ -13,11 +13,10 @@ from avr_core.checkpoints import model_revision
 from avr_core.config import ExecutionConfig, ModelSpec, OpenAIModel, RulesModel, TreeConfig
 from avr_core.engines.base import Generator, RewardModel
 from avr_core.fingerprint import scoring_step_config, tree_step_config
-from avr_core.reporting import ShardStats
 from avr_core.results import StepResult
 from avr_core.schemas import Lineage, PromptRecord, RefinementTree
-from avr_core.steps import ShardOutput, Source, StepIO, plan_step
-from avr_core.synthesis import generate_trees, score_gains, score_trees
+from avr_core.step_kinds import scoring_shards, tree_shards
+from avr_core.steps import Source, StepIO, plan_step
 from avr_core.templates import load_templates
 from tasks.engines import (
     LazyEngine,
@@ -73,13 +72,8 @@ def generate_trees_task(
     )
     engine: LazyEngine[Generator] = LazyEngine(lambda: open_generator(policy, execution))
 
-    def compute(index: int, inputs: tuple[list[PromptRecord], ...]) -> ShardOutput:
-        (prompts,) = inputs
-        trees, synthesis = generate_trees(engine.get(), prompts, templates, tree, lineage)
-        return ShardOutput(trees, ShardStats(counts=synthesis.model_dump()))
-
     with gpu_slot(policy, execution):
-        return execute_plan(plan, compute, engine)
+        return execute_plan(plan, tree_shards(engine.get, templates, tree, lineage), engine)
 
 
 @task(name="score-trees", cache_policy=NO_CACHE, **_SHARD_RETRIES)
@@ -98,15 +92,5 @@ def score_trees_task(io: StepIO, reward: ModelSpec, execution: ExecutionConfig) 
     )
     engine: LazyEngine[RewardModel] = LazyEngine(lambda: open_reward_model(reward, execution))
 
-    def compute(index: int, inputs: tuple[list[RefinementTree], ...]) -> ShardOutput:
-        (trees,) = inputs
-        scored = score_trees(engine.get(), trees)
-        candidates = sum(1 + sum(len(c.refinements) for c in t.critiques) for t in scored)
-        stats = ShardStats(
-            counts={"scored": len(scored), "scored_candidates": candidates},
-            values={"gain": score_gains(scored)},
-        )
-        return ShardOutput(scored, stats)
-
     with gpu_slot(reward, execution):
-        return execute_plan(plan, compute, engine)
+        return execute_plan(plan, scoring_shards(engine.get), engine)

@@ -19,7 +19,7 @@ from avr_core.ingest import (
     bundled_prompts_path,
     prompt_id_for,
     read_prompts,
-    shard_prompts,
+    source_sha256,
 )
 from avr_core.schemas import Constraint, Message, PromptRecord, records_to_table
 from tests.fixtures_s3 import S3Location
@@ -298,15 +298,43 @@ def test_prompts_from_s3(s3_location: S3Location, tmp_path: Path) -> None:
     assert [p.prompt_id for p in from_saved] == [p.prompt_id for p in from_parquet]
 
 
-def test_shard_prompts_splits_in_order() -> None:
-    prompts = [
-        PromptRecord(prompt_id=str(i), messages=[Message(role="user", content=str(i))])
-        for i in range(10)
-    ]
-    shards = shard_prompts(prompts, 4)
-    assert [len(s) for s in shards] == [4, 4, 2]
-    assert [p for shard in shards for p in shard] == prompts
-    assert shard_prompts(prompts, 10) == [prompts]
-    assert shard_prompts([], 3) == []
-    with pytest.raises(ValueError, match="shard_size"):
-        shard_prompts(prompts, 0)
+def test_source_sha256_hashes_the_bytes_of_every_file(tmp_path: Path) -> None:
+    first = tmp_path / "a.jsonl"
+    write_jsonl(first, GOOD_ROWS)
+    copy = tmp_path / "copy.jsonl"
+    copy.write_bytes(first.read_bytes())
+    digest = source_sha256(str(first))
+    assert len(digest) == 64 and int(digest, 16) >= 0
+    assert source_sha256(str(copy)) == digest  # the bytes decide, not the name
+    assert source_sha256(first.as_uri()) == digest
+    changed = bytearray(first.read_bytes())
+    changed[5] ^= 1
+    copy.write_bytes(bytes(changed))
+    assert source_sha256(str(copy)) != digest
+
+    # A saved dataset is a directory: every file counts, including ones nested deeper.
+    saved = Path(write_saved_dataset_dict(tmp_path / "saved", GOOD_ROWS))
+    whole = source_sha256(str(saved))
+    assert source_sha256(str(saved)) == whole
+    assert len(whole) == 64
+    files = sorted(p for p in saved.rglob("*") if p.is_file())
+    assert any(p.parent != saved for p in files)
+    for file in files:
+        original = file.read_bytes()
+        file.write_bytes(original + b" ")
+        assert source_sha256(str(saved)) != whole, file.relative_to(saved)
+        file.write_bytes(original)
+    assert source_sha256(str(saved)) == whole
+    # Renaming a file inside the directory changes the hash too.
+    renamed = files[0].with_name(files[0].name + ".moved")
+    files[0].rename(renamed)
+    assert source_sha256(str(saved)) != whole
+
+
+def test_source_sha256_on_s3(s3_location: S3Location, tmp_path: Path) -> None:
+    fs = s3fs.S3FileSystem(**s3_location.storage_options)
+    local = tmp_path / "p.jsonl"
+    write_jsonl(local, GOOD_ROWS)
+    uri = f"{s3_location.root}/in/p.jsonl"
+    fs.put_file(str(local), uri)
+    assert source_sha256(uri, s3_location.storage_options) == source_sha256(str(local))

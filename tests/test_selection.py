@@ -25,8 +25,8 @@ from avr_core.selection import (
     build_length_controlled_pair,
     build_preference_pairs,
     is_degenerate,
+    original_sft_example,
     pick_round_winner,
-    select_original_sft,
     select_refinement_sft,
 )
 from avr_core.templates import (
@@ -208,9 +208,9 @@ def test_rsft_length_guard_thresholds_come_from_config():
     assert select_refinement_sft(tree, ratio_ok, TEMPLATES) is not None
 
 
-def test_select_original_sft_copies_the_conversation():
+def test_original_sft_example_copies_the_conversation():
     tree = make_tree(None, [])
-    example = select_original_sft(tree)
+    example = original_sft_example(tree)
     assert example.kind == "original"
     assert example.messages == tree.messages
     assert example.lineage == LINEAGE

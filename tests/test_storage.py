@@ -12,7 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 
+from avr_core.checkpoints import download_dir, model_revision, upload_dir
 from avr_core.config import SelectionConfig
+from avr_core.fingerprint import config_fingerprint
+from avr_core.layout import RunLayout, StepRef
 from avr_core.schemas import (
     Constraint,
     CoTResponse,
@@ -32,9 +35,10 @@ from avr_core.schemas import (
 )
 from avr_core.storage import (
     DatasetStore,
+    StepIncompleteError,
+    StepStatus,
     StorageError,
     StorageUnreachableError,
-    config_fingerprint,
 )
 from tests.fixtures_s3 import S3Location
 
@@ -194,7 +198,7 @@ def test_manifest_lists_completed_shards_with_file_hashes(store: DatasetStore) -
     # A manifest from another config is refused when the caller names its fingerprint.
     with pytest.raises(StorageError, match="fingerprint"):
         store.read_table(RUN, STAGE, STEP, RefinementTree, fingerprint=OTHER_FP)
-    with pytest.raises(StorageError, match=r"shards \[2, 3\]"):
+    with pytest.raises(StepIncompleteError, match=r"shards \[2, 3\]"):
         store.write_manifest(RUN, STAGE, STEP, RefinementTree, FP, expected_shards=4)
 
 
@@ -348,14 +352,19 @@ def test_checkpoint_directory_round_trip(store: DatasetStore, tmp_path: Path) ->
     (local / "sub" / "optimizer.pt").write_bytes(b"\x00" * 100)
     uri = store.checkpoint_uri(RUN, "sft") + "/checkpoint-4"
 
-    assert store.upload_dir(local, uri) == 3
-    assert store.upload_dir(local, uri) == 0  # unchanged files are not sent again
+    assert upload_dir(store.files, local, uri) == 3
+    assert upload_dir(store.files, local, uri) == 0  # unchanged files are not sent again
     (local / "trainer_state.json").write_text('{"global_step": 5}')
-    assert store.upload_dir(local, uri) == 1
+    assert upload_dir(store.files, local, uri) == 1
 
-    restored = store.download_dir(uri, tmp_path / "restored")
+    restored = download_dir(store.files, uri, tmp_path / "restored")
     for name in ["model.safetensors", "trainer_state.json", "sub/optimizer.pt"]:
         assert (restored / name).read_bytes() == (local / name).read_bytes()
+
+    # A file changed on storage after its upload is refused, not copied.
+    store.files.write_bytes(f"{store.files.relative(uri)}/sub/optimizer.pt", b"tampered")
+    with pytest.raises(StorageError, match="changed since it was uploaded"):
+        download_dir(store.files, uri, tmp_path / "again")
 
 
 def test_an_interrupted_upload_is_not_downloadable(
@@ -366,24 +375,25 @@ def test_an_interrupted_upload_is_not_downloadable(
     for i in range(3):
         (local / f"f{i}.bin").write_bytes(bytes([i]) * 10)
     uri = store.checkpoint_uri(RUN, "dpo")
-    store.upload_dir(local, uri)
+    upload_dir(store.files, local, uri)
     (local / "f2.bin").write_bytes(b"new contents")
     sent: list[str] = []
-    real_put = store._put_file
+    real_put = store.files.put_file
 
-    def put_then_die(local_file: Path, path: str) -> None:
+    def put_then_die(local_file: Path, where: str) -> None:
         if sent:
             raise ConnectionError("killed during upload")
-        sent.append(path)
-        real_put(local_file, path)
+        sent.append(where)
+        real_put(local_file, where)
 
-    monkeypatch.setattr(store, "_put_file", put_then_die)
+    monkeypatch.setattr(store.files, "put_file", put_then_die)
     (local / "f1.bin").write_bytes(b"also new")
     with pytest.raises(ConnectionError):
-        store.upload_dir(local, uri)
+        upload_dir(store.files, local, uri)
     monkeypatch.undo()
+    assert len(sent) == 1  # one changed file went up before the "crash"
     with pytest.raises(FileNotFoundError, match="no completed upload"):
-        store.download_dir(uri, tmp_path / "out")
+        download_dir(store.files, uri, tmp_path / "out")
 
 
 def test_check_reachable_accepts_a_usable_root(store: DatasetStore) -> None:
@@ -422,3 +432,93 @@ def test_config_fingerprint_is_stable_and_sensitive() -> None:
     assert len(fingerprint) == 16 and int(fingerprint, 16) >= 0
     with pytest.raises(TypeError, match="object"):
         config_fingerprint({"x": object()})
+
+
+def test_shard_stats_live_in_the_footer(store: DatasetStore) -> None:
+    prompts = make_records(PromptRecord, 3)
+    stats0 = {"counts": {"trees": 2}, "values": {"gain": [0.5, -1.0]}, "seconds": {"compute": 1.5}}
+    stats1 = {"counts": {"trees": 1}, "values": {}, "seconds": {}}
+    store.write_shard(RUN, STAGE, STEP, 0, prompts[:2], PromptRecord, FP, stats=stats0)
+    store.write_shard(RUN, STAGE, STEP, 1, prompts[2:], PromptRecord, FP, stats=stats1)
+    store.write_shard(RUN, STAGE, STEP, 2, prompts, PromptRecord, FP)  # no stats given
+
+    committed = store.committed_shards(RUN, STAGE, STEP, FP)
+    assert {i: c.stats for i, c in committed.items()} == {0: stats0, 1: stats1, 2: {}}
+    assert [committed[i].info.rows for i in range(3)] == [2, 1, 3]
+    assert store.committed_shards(RUN, STAGE, STEP, OTHER_FP) == {}
+
+    manifest, shard_stats = store.seal(RUN, StepRef(STAGE, STEP), PromptRecord, FP, [0, 1])
+    assert [s.index for s in manifest.shards] == [0, 1] and manifest.total_rows == 3
+    assert shard_stats == {0: stats0, 1: stats1}
+    # Nothing beside the shards and the manifest: no stats sidecar to drift from its shard.
+    step = RunLayout(RUN).step(StepRef(STAGE, STEP))
+    assert store.files.list_names(step) == [
+        "_manifest.json",
+        "part-00000.parquet",
+        "part-00001.parquet",
+        "part-00002.parquet",
+    ]
+    assert store.files.list_names(RunLayout(RUN).directory) == [STAGE]
+
+    # Rewriting a shard replaces its stats with the new ones.
+    store.write_shard(RUN, STAGE, STEP, 1, prompts[2:], PromptRecord, FP, stats=stats0)
+    assert store.committed_shards(RUN, STAGE, STEP, FP)[1].stats == stats0
+
+
+def test_seal_names_missing_shards(store: DatasetStore) -> None:
+    prompts = make_records(PromptRecord, 1)
+    store.write_shard(RUN, STAGE, STEP, 1, prompts, PromptRecord, FP)
+    store.write_shard(RUN, STAGE, STEP, 2, prompts, PromptRecord, OTHER_FP)
+    with pytest.raises(StepIncompleteError, match=r"shards \[0, 2\]") as err:
+        store.seal(RUN, StepRef(STAGE, STEP), PromptRecord, FP, range(3))
+    assert FP in str(err.value)
+    assert store.read_manifest(RUN, STAGE, STEP) is None
+
+
+def test_list_steps_reports_complete_partial_and_empty(store: DatasetStore) -> None:
+    assert store.list_steps(RUN) == []
+    trees = make_records(RefinementTree, 3)
+    store.write_shard(RUN, STAGE, "trees", 0, trees[:2], RefinementTree, FP)
+    store.write_shard(RUN, STAGE, "trees", 1, trees[2:], RefinementTree, FP)
+    store.write_manifest(RUN, STAGE, "trees", RefinementTree, FP)
+    store.write_shard(RUN, STAGE, "pairs", 3, make_records(PreferencePair, 1), PreferencePair, FP)
+    store.write_shard(RUN, "inputs", "prompts", 0, make_records(PromptRecord, 1), PromptRecord, FP)
+    # A step directory holding only a dead writer's temp file has no shard yet.
+    store.files.write_bytes(f"{RunLayout(RUN).step(StepRef(STAGE, 'empty'))}/.part-00000.tmp", b"x")
+    # Not steps: checkpoints, step records, rejects beside a stage's steps.
+    store.files.write_bytes(f"{RunLayout(RUN).checkpoints('sft')}/final/model.bin", b"w")
+    store.write_json(RunLayout(RUN).step_record(StepRef(STAGE, "trees")), {"rows": 3})
+    store.files.write_bytes(RunLayout(RUN).rejects(StepRef("inputs", "prompts")), b"{}\n")
+    store.write_json(RunLayout(RUN).run_record, {"run": RUN})
+
+    assert store.list_steps(RUN) == [
+        StepStatus(stage="inputs", step="prompts", status="partial", shards=1),
+        StepStatus(stage=STAGE, step="empty", status="empty", shards=0),
+        StepStatus(stage=STAGE, step="pairs", status="partial", shards=1),
+        StepStatus(
+            stage=STAGE,
+            step="trees",
+            status="complete",
+            rows=3,
+            shards=2,
+            record_type="RefinementTree",
+            fingerprint=FP,
+        ),
+    ]
+
+
+def test_model_revision_reads_the_completion_marker(store: DatasetStore) -> None:
+    layout = RunLayout(RUN)
+    final = store.uri(layout.final_model("sft"))
+    options = store.storage_options
+    store.files.write_bytes(f"{layout.final_model('sft')}/config.json", b"{}")
+    assert model_revision(final, options) is None  # trained, but not marked complete yet
+    store.write_json(layout.complete_marker("sft"), {"fingerprint": "f00d" * 4, "rows": 3})
+    assert model_revision(final, options) == "f00d" * 4
+    assert model_revision(final + "/", options) == "f00d" * 4
+    # Only a `.../final` directory beside a marker has a revision.
+    assert model_revision(store.uri(layout.checkpoints("sft")), options) is None
+    assert model_revision(store.uri(layout.checkpoint("sft", 4)), options) is None
+    assert model_revision("smollm2-135m-instruct", options) is None
+    store.write_json(layout.complete_marker("dpo"), {"rows": 3})
+    assert model_revision(store.uri(layout.final_model("dpo")), options) is None

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import pytest
 
+from avr_core.config import TreeConfig
 from avr_core.schemas import (
     Constraint,
     Lineage,
@@ -24,7 +24,8 @@ from avr_core.synthesis import (
     score_gains,
     score_trees,
 )
-from avr_core.templates import judge_request, load_templates, refine_request
+from avr_core.templates import load_templates
+from tests.fakes import LengthReward, ScriptedGenerator
 
 TEMPLATES = load_templates()
 LINEAGE = Lineage(run="r", stage="stage1", step="trees")
@@ -41,70 +42,11 @@ def _prompts(n: int) -> list[PromptRecord]:
     ]
 
 
-def _level(conversation: list[Message]) -> str:
-    """Which synthesis level a conversation belongs to, from its shape."""
-    if conversation[-1] == judge_request(TEMPLATES):
-        return "critique"
-    if conversation[-1] == refine_request(TEMPLATES):
-        return "refine"
-    return "answer"
-
-
-class ScriptedGenerator:
-    """Records each call; `critique_text(question, attempt)` decides what a critique says."""
-
-    model_id = "fake:scripted"
-
-    def __init__(self, critique_text: Callable[[str, int], str] | None = None):
-        self.calls: list[tuple[list[str], Sampling]] = []
-        self.critique_attempts: dict[str, int] = {}
-        self.critique_text = critique_text or (lambda question, attempt: "fine [[7]]")
-
-    def chat(self, conversations: list[list[Message]], sampling: Sampling) -> list[list[str]]:
-        self.calls.append(([_level(c) for c in conversations], sampling))
-        outputs = []
-        for conversation in conversations:
-            question = conversation[0].content
-            level = _level(conversation)
-            samples = []
-            for k in range(sampling.n):
-                if level == "answer":
-                    samples.append(f"answer to {question}")
-                elif level == "critique":
-                    attempt = self.critique_attempts.get(question, 0)
-                    self.critique_attempts[question] = attempt + 1
-                    samples.append(self.critique_text(question, attempt))
-                else:
-                    critique = conversation[-2].content
-                    samples.append(f"refined {question} via {critique!r} #{k}")
-            outputs.append(samples)
-        return outputs
-
-    def close(self) -> None:
-        pass
-
-
-class LengthReward:
-    """Score = length of the assistant turn; records the calls it gets."""
-
-    model_id = "fake:length"
-
-    def __init__(self):
-        self.calls: list[tuple[list[list[Message]], list[list[Constraint]] | None]] = []
-
-    def score(self, conversations, constraints=None):
-        self.calls.append((conversations, constraints))
-        return [float(len(c[-1].content)) for c in conversations]
-
-    def close(self) -> None:
-        pass
-
-
 def test_one_engine_call_per_level_with_derived_seeds():
     generator = ScriptedGenerator()
     sampling = Sampling(max_tokens=32, seed=11)
     trees, stats = generate_trees(
-        generator, _prompts(3), TEMPLATES, 2, 3, sampling, False, 5, LINEAGE
+        generator, _prompts(3), TEMPLATES, TreeConfig(x=2, y=3, sampling=sampling), LINEAGE
     )
 
     assert [levels for levels, _ in generator.calls] == [
@@ -119,14 +61,23 @@ def test_one_engine_call_per_level_with_derived_seeds():
     assert all(s.max_tokens == 32 for _, s in generator.calls)
 
     assert [t.prompt_id for t in trees] == ["p0", "p1", "p2"]
+    # Every character the engine returned, counted by hand from the scripted outputs.
+    answers = 3 * len("answer to question 0")
+    critiques = 6 * len("fine [[7]]")
+    refinements = sum(
+        len(f"refined question {q} via 'fine [[7]]' #{k}")
+        for q in range(3)
+        for _ in range(2)
+        for k in range(3)
+    )
     assert stats == SynthesisStats(
-        prompts=3,
-        answers=3,
+        trees=3,
         critiques=6,
         refinements=18,
         engine_calls=3,
-        generated_chars=stats.generated_chars,
+        generated_chars=answers + critiques + refinements,
     )
+    assert stats.generated_chars == generator.generated_chars
     tree = trees[1]
     assert tree.messages[-1] == Message(role="assistant", content="answer to question 1")
     assert tree.constraints == _prompts(3)[1].constraints
@@ -146,14 +97,20 @@ def test_same_seed_reproduces_and_no_seed_stays_none():
     assert derive_seed(3, "answer") != derive_seed(4, "answer")
     assert derive_seed(None, "answer") is None
     generator = ScriptedGenerator()
-    generate_trees(generator, _prompts(1), TEMPLATES, 1, 1, Sampling(seed=None), False, 0, LINEAGE)
+    generate_trees(
+        generator,
+        _prompts(1),
+        TEMPLATES,
+        TreeConfig(x=1, y=1, sampling=Sampling(seed=None)),
+        LINEAGE,
+    )
     assert [s.seed for _, s in generator.calls] == [None, None, None]
 
 
 def test_free_text_critiques_are_kept_without_rating():
     generator = ScriptedGenerator(lambda q, attempt: "no rating here")
     trees, stats = generate_trees(
-        generator, _prompts(2), TEMPLATES, 2, 1, Sampling(), False, 5, LINEAGE
+        generator, _prompts(2), TEMPLATES, TreeConfig(x=2, y=1, sampling=Sampling()), LINEAGE
     )
     assert stats.critiques == 4 and stats.format_retries == 0 and stats.dropped_critiques == 0
     assert all(c.rating is None and c.format_retries == 0 for t in trees for c in t.critiques)
@@ -171,7 +128,11 @@ def test_unrated_critiques_are_resampled_in_batches_then_dropped():
 
     generator = ScriptedGenerator(critique_text)
     trees, stats = generate_trees(
-        generator, _prompts(3), TEMPLATES, 2, 1, Sampling(seed=5), True, 3, LINEAGE
+        generator,
+        _prompts(3),
+        TEMPLATES,
+        TreeConfig(x=2, y=1, sampling=Sampling(seed=5), require_rating=True, max_format_retries=3),
+        LINEAGE,
     )
     levels = [levels for levels, _ in generator.calls]
     # Initial critiques (n=2 each) then one batched re-sample call per retry round over the gaps.
@@ -199,7 +160,11 @@ def test_unrated_critiques_are_resampled_in_batches_then_dropped():
 def test_zero_retries_drops_unrated_at_once():
     generator = ScriptedGenerator(lambda q, attempt: "unrated")
     trees, stats = generate_trees(
-        generator, _prompts(2), TEMPLATES, 2, 2, Sampling(), True, 0, LINEAGE
+        generator,
+        _prompts(2),
+        TEMPLATES,
+        TreeConfig(x=2, y=2, sampling=Sampling(), require_rating=True, max_format_retries=0),
+        LINEAGE,
     )
     assert stats.dropped_critiques == 4 and stats.format_retries == 0
     assert all(t.critiques == [] for t in trees)
@@ -213,7 +178,9 @@ def test_engine_returning_wrong_count_fails_clearly():
             return super().chat(conversations, sampling)[:-1]
 
     with pytest.raises(ValueError, match="returned 1 outputs for 2 conversations"):
-        generate_trees(Short(), _prompts(2), TEMPLATES, 1, 1, Sampling(), False, 0, LINEAGE)
+        generate_trees(
+            Short(), _prompts(2), TEMPLATES, TreeConfig(x=1, y=1, sampling=Sampling()), LINEAGE
+        )
 
 
 def test_prompt_must_end_with_user_turn():
@@ -222,12 +189,22 @@ def test_prompt_must_end_with_user_turn():
         messages=[Message(role="user", content="q"), Message(role="assistant", content="a")],
     )
     with pytest.raises(ValueError, match="prompt 0 \\(bad\\)"):
-        generate_trees(ScriptedGenerator(), [bad], TEMPLATES, 1, 1, Sampling(), False, 0, LINEAGE)
+        generate_trees(
+            ScriptedGenerator(),
+            [bad],
+            TEMPLATES,
+            TreeConfig(x=1, y=1, sampling=Sampling()),
+            LINEAGE,
+        )
 
 
 def test_score_trees_one_call_over_answers_and_refinements():
     trees, _ = generate_trees(
-        ScriptedGenerator(), _prompts(2), TEMPLATES, 2, 2, Sampling(), False, 0, LINEAGE
+        ScriptedGenerator(),
+        _prompts(2),
+        TEMPLATES,
+        TreeConfig(x=2, y=2, sampling=Sampling()),
+        LINEAGE,
     )
     reward = LengthReward()
     scored = score_trees(reward, trees)
@@ -259,7 +236,11 @@ def test_score_trees_rejects_short_score_list_and_handles_empty():
             return [0.0]
 
     trees, _ = generate_trees(
-        ScriptedGenerator(), _prompts(1), TEMPLATES, 1, 1, Sampling(), False, 0, LINEAGE
+        ScriptedGenerator(),
+        _prompts(1),
+        TEMPLATES,
+        TreeConfig(x=1, y=1, sampling=Sampling()),
+        LINEAGE,
     )
     with pytest.raises(ValueError, match="returned 1 scores for 2 conversations"):
         score_trees(Broken(), trees)
@@ -278,20 +259,24 @@ def test_score_gains_ignores_nan_and_unscored():
 
 @pytest.mark.slow
 def test_tiny_transformers_generator_with_rules_reward(tiny_generator):
-    from avr_core.config import ExecutionConfig, ModelSpec
+    from avr_core.config import ExecutionConfig, RulesModel
     from avr_core.engines import load_reward_model
 
     prompts = _prompts(2)
     sampling = Sampling(max_tokens=12, seed=0)
     trees, stats = generate_trees(
-        tiny_generator, prompts, TEMPLATES, 2, 2, sampling, False, 0, LINEAGE
+        tiny_generator,
+        prompts,
+        TEMPLATES,
+        TreeConfig(x=2, y=2, sampling=sampling),
+        LINEAGE,
     )
     assert stats.engine_calls == 3
     assert stats.critiques == 4 and stats.refinements == 8
     assert all(t.answer.strip() for t in trees)
     assert all(r.text for t in trees for c in t.critiques for r in c.refinements)
 
-    reward = load_reward_model(ModelSpec(backend="rules", path="rules"), ExecutionConfig())
+    reward = load_reward_model(RulesModel(), ExecutionConfig())
     scored = score_trees(reward, trees)
     scores = [t.answer_score for t in scored] + [
         r.score for t in scored for c in t.critiques for r in c.refinements
@@ -299,5 +284,11 @@ def test_tiny_transformers_generator_with_rules_reward(tiny_generator):
     assert all(isinstance(s, float) and not math.isnan(s) for s in scores)
 
     # Same base seed, same trees: runs reproduce.
-    again, _ = generate_trees(tiny_generator, prompts, TEMPLATES, 2, 2, sampling, False, 0, LINEAGE)
+    again, _ = generate_trees(
+        tiny_generator,
+        prompts,
+        TEMPLATES,
+        TreeConfig(x=2, y=2, sampling=sampling),
+        LINEAGE,
+    )
     assert [t.answer for t in again] == [t.answer for t in trees]
