@@ -30,10 +30,8 @@ from avr_core.config import (
     TransformersModel,
     TreeConfig,
 )
-from avr_core.engines.base import EngineError
 from avr_core.layout import RunLayout
 from avr_core.schemas import (
-    Conversation,
     PreferencePair,
     PromptRecord,
     RefinementTree,
@@ -57,37 +55,9 @@ from flows.steps import (
     score_trees_flow,
     select_rsft_flow,
 )
+from tests.fakes import EngineCall, RecordingGenerator
 
 pytestmark = pytest.mark.slow  # starts a Prefect API server
-
-
-class FakePolicy:
-    """A scripted policy: fails on any conversation whose prompt is in `failing`; logs calls
-    as (attempt, prompts), the attempt being the engine load that served them."""
-
-    model_id = "fake:policy"
-
-    def __init__(self, calls: list[tuple[int, set[str]]], failing: set[str], attempt: int):
-        self.calls = calls
-        self.failing = failing
-        self.attempt = attempt
-
-    def chat(self, conversations: list[Conversation], sampling: Sampling) -> list[list[str]]:
-        prompts = {c[0].content for c in conversations}
-        self.calls.append((self.attempt, prompts))
-        if prompts & self.failing:
-            raise EngineError("injected failure: device lost")
-        # Answers shrink with each refinement so that refinements win under a length penalty.
-        return [
-            [
-                f"Draft {len(c)} words {k} " + "word " * max(1, 40 - 4 * len(c))
-                for k in range(sampling.n)
-            ]
-            for c in conversations
-        ]
-
-    def close(self) -> None:
-        pass
 
 
 def _file_states(directory: Path) -> dict[str, tuple[int, str]]:
@@ -115,14 +85,17 @@ def test_failed_shard_is_the_only_one_recomputed(prefect_harness, tmp_path, monk
     prompt_ids = {r.prompt_id for r in store.read_records(run, *Stage1Steps.PROMPTS, PromptRecord)}
     shard_prompts = {i: _shard_of(store, run, i) for i in range(4)}
 
-    calls: list[tuple[int, set[str]]] = []
+    calls: list[EngineCall] = []
     loads: list[str] = []
     failing = set(shard_prompts[2])
 
-    def open_fake(spec: ModelSpec, execution: ExecutionConfig) -> FakePolicy:
+    def open_fake(spec: ModelSpec, execution: ExecutionConfig) -> RecordingGenerator:
         assert isinstance(spec, TransformersModel)
         loads.append(spec.path)
-        return FakePolicy(calls, failing, attempt=len(loads))
+        # Shares `failing` and `calls` across engine loads; the attempt is the load's number.
+        engine = RecordingGenerator(calls=calls, attempt=len(loads))
+        engine.failing = failing
+        return engine
 
     monkeypatch.setattr(tasks.trees, "open_generator", open_fake)
     params = GenerateTreesParams(
