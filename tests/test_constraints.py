@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from avr_core.config import ModelSpec
+from avr_core.config import RulesModel
 from avr_core.constraints import (
     CONSTRAINT_CHECKERS,
     CONSTRAINT_TYPES,
@@ -124,9 +124,8 @@ def _chat(answer: str) -> list[Message]:
 
 
 def test_rules_reward_model_scores_last_assistant_turn_with_length_penalty() -> None:
-    model = load_reward_model(ModelSpec(backend="rules", path="rules", length_penalty=10.0))
-    assert isinstance(model, RulesRewardModel)
-    assert model.model_id == "rules:rules"
+    model = load_reward_model(RulesModel(length_penalty=10.0))
+    assert model.model_id == "rules:constraints"
     rules = [c("all_lowercase"), c("word_count", max=3)]
     refined = _chat("First Answer Too Long Here") + [
         Message(role="user", content="Refine it."),
@@ -138,7 +137,7 @@ def test_rules_reward_model_scores_last_assistant_turn_with_length_penalty() -> 
 
 
 def test_rules_reward_model_rejects_missing_or_bad_input() -> None:
-    model = RulesRewardModel(ModelSpec(backend="rules"))
+    model = RulesRewardModel(RulesModel())
     with pytest.raises(ValueError, match="needs constraints"):
         model.score([_chat("hi")])
     with pytest.raises(ValueError, match="1 conversations but 2 constraint lists"):
@@ -151,7 +150,7 @@ def test_rules_reward_model_rejects_missing_or_bad_input() -> None:
 
 def test_rules_backend_cannot_generate() -> None:
     with pytest.raises(UnsupportedBackendError, match="'rules' only scores"):
-        load_generator(ModelSpec(backend="rules"))
+        load_generator(RulesModel())
 
 
 def test_demo_prompts_are_valid_and_varied() -> None:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fsspec
 import pytest
 
 from avr_core.models import (
@@ -28,6 +29,22 @@ def test_resolve_model_dir_errors_clearly_for_missing_models(tmp_path: Path) -> 
         resolve_model_dir("memory://avr-tests/no-such-model")
     assert resolve_model_dir(str(tmp_path)) == tmp_path
     assert resolve_model_dir(f"file://{tmp_path}") == tmp_path
+
+
+def test_storage_models_are_copied_once_into_the_given_cache(tmp_path: Path) -> None:
+    fs = fsspec.filesystem("memory")
+    uri = "memory://avr-tests/models/tiny-copy"
+    fs.pipe({f"{uri}/config.json": b"{}", f"{uri}/sub/weights.bin": b"abc"})
+    try:
+        local = resolve_model_dir(uri, cache_dir=tmp_path / "cache")
+        assert local.parent == tmp_path / "cache" / "remote-models"
+        assert (local / "config.json").read_bytes() == b"{}"
+        assert (local / "sub" / "weights.bin").read_bytes() == b"abc"
+        fs.pipe(f"{uri}/config.json", b"changed")  # a second call reuses the published copy
+        assert resolve_model_dir(uri, cache_dir=tmp_path / "cache") == local
+        assert (local / "config.json").read_bytes() == b"{}"
+    finally:
+        fs.rm("memory://avr-tests/models", recursive=True)
 
 
 def _assert_plain_trainable_checkpoint(model_dir: Path) -> None:
@@ -61,16 +78,21 @@ def test_tiny_model_is_a_trainable_plain_checkpoint(tiny_model_dir: Path) -> Non
     _assert_plain_trainable_checkpoint(tiny_model_dir)
 
 
-_CONVERT = "from avr_core.models import ensure_tiny_model; print(ensure_tiny_model())"
+_CONVERT = (
+    "import sys; from pathlib import Path; from avr_core.models import ensure_tiny_model; "
+    "print(ensure_tiny_model(Path(sys.argv[1])))"
+)
 
 
 @pytest.mark.slow
 def test_concurrent_first_use_converts_once(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    env = {**os.environ, "AVR_CACHE_DIR": str(cache), "PYTHONPATH": str(REPO_ROOT)}
+    # The cache is an argument; the old AVR_CACHE_DIR variable must no longer steer avr_core.
+    ignored = tmp_path / "from-env"
+    env = {**os.environ, "AVR_CACHE_DIR": str(ignored), "PYTHONPATH": str(REPO_ROOT)}
     workers = [
         subprocess.Popen(
-            [sys.executable, "-c", _CONVERT],
+            [sys.executable, "-c", _CONVERT, str(cache)],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -83,6 +105,7 @@ def test_concurrent_first_use_converts_once(tmp_path: Path) -> None:
         assert worker.returncode == 0, stderr[-2000:]
     target = cache / "models" / TINY_MODEL
     assert {out.strip().splitlines()[-1] for out, _ in results} == {str(target)}
+    assert not ignored.exists()
     # One published directory, no half-built temporaries left beside it.
     leftovers = sorted(p.name for p in target.parent.iterdir() if p.name.startswith("."))
     assert leftovers == []

@@ -9,8 +9,10 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from pydantic import ValidationError
 
-from avr_core.config import ExecutionConfig, ModelSpec
+from avr_core.config import ExecutionConfig, OpenAIModel, parse_model_spec
+from avr_core.engines import load_generator, load_reward_model
 from avr_core.engines.base import EngineError, Generator, RewardModel
 from avr_core.engines.openai_backend import (
     OpenAIGenerator,
@@ -19,7 +21,8 @@ from avr_core.engines.openai_backend import (
     build_chat_payload,
     server_root,
 )
-from avr_core.schemas import Message, Sampling
+from avr_core.schemas import Conversation, Message, Sampling
+from avr_core.settings import AvrSettings
 
 FAST_RETRY = RetryPolicy(max_retries=3, base_s=0.01, max_s=0.05)
 
@@ -31,6 +34,7 @@ class FakeServer:
         self.failures = failures
         self.fail_status = fail_status
         self.requests: list[tuple[str, dict]] = []
+        self.authorizations: list[str | None] = []
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
@@ -39,10 +43,11 @@ class FakeServer:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
 
-    def answer(self, path: str, body: dict) -> tuple[int, dict]:
+    def answer(self, path: str, body: dict, authorization: str | None) -> tuple[int, dict]:
         """Deterministic answers derived from the request so tests can check order."""
         with self._lock:
             self.requests.append((path, body))
+            self.authorizations.append(authorization)
             if len(self.requests) <= self.failures:
                 return self.fail_status, {"error": "temporarily overloaded"}
         last = body["messages"][-1]["content"]
@@ -65,7 +70,8 @@ class FakeServer:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's naming
                 length = int(self.headers["Content-Length"])
-                status, payload = server.answer(self.path, json.loads(self.rfile.read(length)))
+                body = json.loads(self.rfile.read(length))
+                status, payload = server.answer(self.path, body, self.headers["Authorization"])
                 data = json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -93,19 +99,20 @@ def fake_server() -> Iterator[FakeServer]:
         yield server
 
 
-def _chat(text: str) -> list[Message]:
+def _chat(text: str) -> Conversation:
     return [Message(role="user", content=text)]
 
 
-def _spec(base_url: str, model: str = "tiny") -> ModelSpec:
-    return ModelSpec(backend="openai", path=model, base_url=base_url)
+def _spec(base_url: str, model: str = "tiny") -> OpenAIModel:
+    return OpenAIModel(path=model, base_url=base_url)
 
 
 def test_chat_retries_503_then_succeeds_in_input_order(fake_server: FakeServer) -> None:
-    generator = OpenAIGenerator(
+    # Annotated with the protocol: a type checker verifies the engine implements it.
+    generator: Generator = OpenAIGenerator(
         _spec(fake_server.base_url), ExecutionConfig(max_concurrency=4), retry=FAST_RETRY
     )
-    assert isinstance(generator, Generator)
+    assert generator.model_id == "openai:tiny"
     prompts = [f"prompt {i}" for i in range(6)]
     outputs = generator.chat([_chat(p) for p in prompts], Sampling(n=3, max_tokens=5, seed=7))
     generator.close()
@@ -118,10 +125,10 @@ def test_chat_retries_503_then_succeeds_in_input_order(fake_server: FakeServer) 
 
 
 def test_classify_retries_then_returns_raw_scores(fake_server: FakeServer) -> None:
-    reward = OpenAIRewardModel(
+    reward: RewardModel = OpenAIRewardModel(
         _spec(fake_server.base_url), ExecutionConfig(max_concurrency=2), retry=FAST_RETRY
     )
-    assert isinstance(reward, RewardModel)
+    assert reward.model_id == "openai:tiny"
     scores = reward.score([_chat("ab"), _chat("abcd"), _chat("a")])
     reward.close()
     assert scores == [2.0, 4.0, 1.0]
@@ -158,9 +165,35 @@ def test_connection_refused_is_retried_then_fails() -> None:
         generator.chat([_chat("x")], Sampling())
 
 
-def test_missing_base_url_is_a_clear_error() -> None:
-    with pytest.raises(ValueError, match="needs base_url"):
-        OpenAIGenerator(ModelSpec(backend="openai", path="m"), ExecutionConfig())
+def test_missing_base_url_fails_when_the_spec_is_validated() -> None:
+    # Before any engine exists: a config file or flow form without base_url is rejected up front.
+    with pytest.raises(ValidationError, match=r"base_url\s+Field required"):
+        OpenAIModel(path="m")  # type: ignore[call-arg]
+    with pytest.raises(ValidationError, match=r"openai\.base_url\s+Field required"):
+        parse_model_spec({"backend": "openai", "path": "m"})
+    with pytest.raises(ValidationError, match="base_url"):
+        OpenAIModel(path="m", base_url="")
+
+
+def test_api_key_is_sent_as_bearer_token_only_when_given(
+    fake_server: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_server.failures = 0
+    spec = _spec(fake_server.base_url)
+    direct = OpenAIGenerator(spec, ExecutionConfig(), api_key="sk-direct")
+    direct.chat([_chat("a")], Sampling())
+    direct.close()
+    # The factory takes the key from the settings object built at the edge, not from os.environ.
+    monkeypatch.setenv("AVR_OPENAI_API_KEY", "sk-from-env-must-not-leak")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-from-env-must-not-leak")
+    settings = AvrSettings(AVR_OPENAI_API_KEY="sk-settings")
+    reward = load_reward_model(spec, settings=settings)
+    reward.score([_chat("b")])
+    reward.close()
+    generator = load_generator(spec)
+    generator.chat([_chat("c")], Sampling())
+    generator.close()
+    assert fake_server.authorizations == ["Bearer sk-direct", "Bearer sk-settings", None]
 
 
 def test_backoff_grows_and_is_capped() -> None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from avr_core.config import ExecutionConfig, ModelSpec
+from avr_core.config import ExecutionConfig, TransformersModel
 from avr_core.engines import EngineError, UnsupportedBackendError, load_reward_model
 from avr_core.engines.transformers_backend import (
     TransformersGenerator,
@@ -19,9 +20,9 @@ from avr_core.engines.transformers_backend import (
     run_in_batches,
 )
 from avr_core.models import TINY_REWARD_MODEL
-from avr_core.schemas import Message, Sampling
+from avr_core.schemas import Conversation, Message, Sampling
 
-CONVERSATIONS = [
+CONVERSATIONS: list[Conversation] = [
     [Message(role="user", content="Name one fruit.")],
     [Message(role="user", content="Write one short sentence about rain.")],
 ]
@@ -78,23 +79,24 @@ def test_is_out_of_memory() -> None:
 
 def test_pick_dtype_spec_overrides_and_scoring_stays_fp32_on_cpu() -> None:
     cpu = torch.device("cpu")
-    assert pick_dtype(ModelSpec(dtype="float16"), cpu) == torch.float16
-    assert pick_dtype(ModelSpec(), torch.device("cuda")) == torch.bfloat16
-    assert pick_dtype(ModelSpec(), cpu, for_scoring=True) == torch.float32
-    assert pick_dtype(ModelSpec(), cpu) in (torch.bfloat16, torch.float32)
+    assert pick_dtype(TransformersModel(dtype="float16"), cpu) == torch.float16
+    assert pick_dtype(TransformersModel(), torch.device("cuda")) == torch.bfloat16
+    assert pick_dtype(TransformersModel(), cpu, for_scoring=True) == torch.float32
+    assert pick_dtype(TransformersModel(), cpu) in (torch.bfloat16, torch.float32)
 
 
 def test_unknown_device_request_fails_clearly() -> None:
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
     with pytest.raises(EngineError, match="no CUDA device"):
-        TransformersGenerator(ModelSpec(), ExecutionConfig(device="cuda"))
+        TransformersGenerator(TransformersModel(), ExecutionConfig(device="cuda"))
 
 
 def test_factory_rejects_unknown_backend() -> None:
-    spec = ModelSpec.model_construct(backend="tgi", path="x")
+    # Validation makes such a spec impossible; the factory still refuses what it cannot dispatch.
+    spec = SimpleNamespace(backend="tgi", path="x")
     with pytest.raises(UnsupportedBackendError, match="unknown reward model backend 'tgi'"):
-        load_reward_model(spec)
+        load_reward_model(spec)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- generation on the tiny model
@@ -154,7 +156,7 @@ def test_generate_halves_batch_on_oom(
 
 # ---------------------------------------------------------------- scoring on the tiny reward model
 
-SCORED = [
+SCORED: list[Conversation] = [
     CONVERSATIONS[0] + [Message(role="assistant", content="An apple.")],
     CONVERSATIONS[1]
     + [Message(role="assistant", content="Rain tapped softly on the window all night long.")],
@@ -168,9 +170,8 @@ SCORED = [
 
 @pytest.fixture(scope="module")
 def tiny_reward_model(tiny_reward_model_dir: Path) -> Iterator[TransformersRewardModel]:
-    model = load_reward_model(
-        ModelSpec(backend="transformers", path=TINY_REWARD_MODEL),
-        ExecutionConfig(batch_size=2, device="cpu"),
+    model = TransformersRewardModel(
+        TransformersModel(path=TINY_REWARD_MODEL), ExecutionConfig(batch_size=2, device="cpu")
     )
     yield model
     model.close()
@@ -182,7 +183,6 @@ def test_reward_scores_match_a_direct_forward(
 ) -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    assert isinstance(tiny_reward_model, TransformersRewardModel)
     assert tiny_reward_model.model_id == f"transformers:{TINY_REWARD_MODEL}"
     scores = tiny_reward_model.score(SCORED)
     assert len(scores) == 3 and all(type(s) is float for s in scores)
@@ -225,9 +225,28 @@ def test_reward_halves_batch_on_oom(
 
 
 @pytest.mark.slow
+def test_model_id_is_the_spec_id_wherever_the_model_was_loaded_from(
+    tiny_reward_model: TransformersRewardModel, tiny_reward_model_dir: Path, tmp_path: Path
+) -> None:
+    # The caller resolved a storage URI into some local directory; lineage must still record the
+    # URI it asked for. The spec path does not exist here, so loading it would fail.
+    elsewhere = tmp_path / "synced-copy"
+    elsewhere.symlink_to(tiny_reward_model_dir, target_is_directory=True)
+    spec = TransformersModel(path="s3://avr-models/runs/demo/reward/final")
+    model = load_reward_model(spec, ExecutionConfig(device="cpu"), model_dir=elsewhere)
+    try:
+        assert model.model_id == "transformers:s3://avr-models/runs/demo/reward/final"
+        assert str(elsewhere) not in model.model_id
+        # ... and it really is the model in `model_dir` that scores.
+        assert model.score(SCORED) == pytest.approx(tiny_reward_model.score(SCORED), abs=1e-4)
+    finally:
+        model.close()
+
+
+@pytest.mark.slow
 def test_closed_reward_model_refuses_work(tiny_reward_model_dir: Path) -> None:
     model = TransformersRewardModel(
-        ModelSpec(path=str(tiny_reward_model_dir)), ExecutionConfig(device="cpu")
+        TransformersModel(path=str(tiny_reward_model_dir)), ExecutionConfig(device="cpu")
     )
     model.close()
     assert model.model is None
@@ -243,14 +262,14 @@ def test_closed_reward_model_refuses_work(tiny_reward_model_dir: Path) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_engines_run_in_bf16(tiny_reward_model: TransformersRewardModel) -> None:
     cuda = ExecutionConfig(batch_size=4, device="cuda")
-    generator = TransformersGenerator(ModelSpec(), cuda)
+    generator = TransformersGenerator(TransformersModel(), cuda)
     assert generator.model.dtype == torch.bfloat16
     out = generator.chat(CONVERSATIONS, Sampling(n=2, max_tokens=8, seed=3))
     assert [len(g) for g in out] == [2, 2] and all(t for g in out for t in g)
     assert generator.chat(CONVERSATIONS, Sampling(n=2, max_tokens=8, seed=3)) == out
     generator.close()
 
-    reward = TransformersRewardModel(ModelSpec(path=TINY_REWARD_MODEL), cuda)
+    reward = TransformersRewardModel(TransformersModel(path=TINY_REWARD_MODEL), cuda)
     assert reward.model.dtype == torch.bfloat16
     # bf16 logits differ from the CPU fp32 reference only by rounding.
     assert reward.score(SCORED) == pytest.approx(tiny_reward_model.score(SCORED), abs=0.1)

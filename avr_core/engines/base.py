@@ -2,25 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from collections.abc import Sequence
+from typing import Protocol
 
-from avr_core.schemas import Constraint, Message, Sampling
+from avr_core.schemas import Constraint, Conversation, Message, Sampling
+
+__all__ = ["EngineError", "Generator", "RewardModel", "messages_as_dicts"]
 
 
-@runtime_checkable
 class Generator(Protocol):
     """Chat generation: one list of `sampling.n` completions per input conversation, in order."""
 
     model_id: str
 
-    def chat(self, conversations: list[list[Message]], sampling: Sampling) -> list[list[str]]: ...
+    def chat(self, conversations: list[Conversation], sampling: Sampling) -> list[list[str]]: ...
 
     def close(self) -> None:
         """Free the model (GPU memory) explicitly; the engine is unusable afterwards."""
         ...
 
 
-@runtime_checkable
 class RewardModel(Protocol):
     """Scores whole conversations (prompt + final assistant turn); higher is better.
 
@@ -32,7 +33,7 @@ class RewardModel(Protocol):
 
     def score(
         self,
-        conversations: list[list[Message]],
+        conversations: list[Conversation],
         constraints: list[list[Constraint]] | None = None,
     ) -> list[float]: ...
 
@@ -41,3 +42,8 @@ class RewardModel(Protocol):
 
 class EngineError(RuntimeError):
     """An engine failed on a batch; the caller fails only the shard it was working on."""
+
+
+def messages_as_dicts(conversation: Sequence[Message]) -> list[dict[str, str]]:
+    """A conversation as the `[{"role": ..., "content": ...}]` list chat templates and APIs take."""
+    return [{"role": m.role, "content": m.content} for m in conversation]

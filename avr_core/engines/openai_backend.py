@@ -7,12 +7,12 @@ is the raw Bradley-Terry logit, the same number the transformers backend returns
 
 Requests run in a bounded thread pool (`ExecutionConfig.max_concurrency`); connection errors,
 timeouts, 429 and 5xx answers are retried with exponential backoff (`max_retries`); any other
-answer raises `EngineError` with the server's body in the message.
+answer raises `EngineError` with the server's body in the message. The bearer token is passed in
+by the caller (`AvrSettings.api_key()` at the edge); this module never reads the environment.
 """
 
 from __future__ import annotations
 
-import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -21,15 +21,14 @@ from typing import Any, TypeVar
 
 import httpx
 
-from avr_core.config import ExecutionConfig, ModelSpec
-from avr_core.engines.base import EngineError
-from avr_core.schemas import Constraint, Message, Sampling
+from avr_core.config import ExecutionConfig, OpenAIModel
+from avr_core.engines.base import EngineError, messages_as_dicts
+from avr_core.schemas import Constraint, Conversation, Message, Sampling
 
 __all__ = [
     "OpenAIGenerator",
     "OpenAIRewardModel",
     "RetryPolicy",
-    "api_key_from_env",
     "build_chat_payload",
     "build_classify_payload",
     "parse_chat_choices",
@@ -55,13 +54,8 @@ class RetryPolicy:
     def delay_s(self, attempt: int) -> float:
         """Seconds to wait before retry number `attempt` (0-based)."""
         # Jitter keeps many workers that failed together from retrying in lockstep.
-        return min(self.max_s, self.base_s * 2**attempt) * random.uniform(0.8, 1.2)
-
-
-def api_key_from_env() -> str | None:
-    """The bearer token for the server: `AVR_OPENAI_API_KEY`, else `OPENAI_API_KEY`, else none."""
-    # Credentials are infrastructure: they come from the environment, never from a flow parameter.
-    return os.environ.get("AVR_OPENAI_API_KEY") or os.environ.get("OPENAI_API_KEY")
+        delay: float = min(self.max_s, self.base_s * 2**attempt) * random.uniform(0.8, 1.2)
+        return delay
 
 
 def server_root(base_url: str) -> str:
@@ -70,15 +64,13 @@ def server_root(base_url: str) -> str:
     return root.removesuffix("/v1")
 
 
-def _messages_json(conversation: Sequence[Message]) -> list[dict[str, str]]:
-    return [{"role": m.role, "content": m.content} for m in conversation]
-
-
-def build_chat_payload(model: str, conversation: Sequence[Message], sampling: Sampling) -> dict:
+def build_chat_payload(
+    model: str, conversation: Sequence[Message], sampling: Sampling
+) -> dict[str, Any]:
     """The JSON body of one chat-completions request asking for `sampling.n` samples."""
     payload: dict[str, Any] = {
         "model": model,
-        "messages": _messages_json(conversation),
+        "messages": messages_as_dicts(conversation),
         "n": sampling.n,
         "temperature": sampling.temperature,
         "top_p": sampling.top_p,
@@ -104,11 +96,11 @@ def parse_chat_choices(body: Any, n: int, where: str) -> list[str]:
     return texts
 
 
-def build_classify_payload(model: str, conversation: Sequence[Message]) -> dict:
+def build_classify_payload(model: str, conversation: Sequence[Message]) -> dict[str, Any]:
     """The JSON body of one vLLM `/classify` request returning the raw logit of a chat."""
     return {
         "model": model,
-        "messages": _messages_json(conversation),
+        "messages": messages_as_dicts(conversation),
         # vLLM applies sigmoid/softmax by default; a Bradley-Terry score is the raw logit.
         "use_activation": False,
     }
@@ -139,11 +131,16 @@ def _run_bounded(func: Callable[[_T], _R], items: Sequence[_T], max_concurrency:
 class _Client:
     """A thread-safe JSON POST client with retries: the part both engines share."""
 
-    def __init__(self, base_url: str, execution: ExecutionConfig, retry: RetryPolicy) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        execution: ExecutionConfig,
+        retry: RetryPolicy,
+        api_key: str | None = None,
+    ) -> None:
         headers = {}
-        key = api_key_from_env()
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
         self._http = httpx.Client(
             timeout=execution.request_timeout_s,
             headers=headers,
@@ -152,7 +149,7 @@ class _Client:
         self.base_url = base_url.rstrip("/")
         self.retry = retry
 
-    def post_json(self, url: str, payload: dict, where: str) -> Any:
+    def post_json(self, url: str, payload: dict[str, Any], where: str) -> Any:
         """POST `payload`, retrying transient failures; the decoded JSON answer or `EngineError`."""
         last_problem = ""
         for attempt in range(self.retry.max_retries + 1):
@@ -189,25 +186,21 @@ class _Client:
         self._http.close()
 
 
-def _require_base_url(spec: ModelSpec) -> str:
-    if not spec.base_url:
-        raise ValueError(
-            f"model {spec.path!r}: the openai backend needs base_url (e.g. http://host:8000/v1)"
-        )
-    return spec.base_url
-
-
 class _Endpoint:
     """What both OpenAI-compatible engines hold: the served model's name and a retrying client."""
 
     def __init__(
-        self, spec: ModelSpec, execution: ExecutionConfig, retry: RetryPolicy | None = None
+        self,
+        spec: OpenAIModel,
+        execution: ExecutionConfig,
+        api_key: str | None = None,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self.model_id = spec.model_id
         self._model = spec.path
         self._max_concurrency = execution.max_concurrency
         self._client = _Client(
-            _require_base_url(spec), execution, retry or RetryPolicy(execution.max_retries)
+            spec.base_url, execution, retry or RetryPolicy(execution.max_retries), api_key
         )
 
     def close(self) -> None:
@@ -219,15 +212,19 @@ class OpenAIGenerator(_Endpoint):
     """`Generator` over an OpenAI-compatible chat-completions endpoint."""
 
     def __init__(
-        self, spec: ModelSpec, execution: ExecutionConfig, retry: RetryPolicy | None = None
+        self,
+        spec: OpenAIModel,
+        execution: ExecutionConfig,
+        api_key: str | None = None,
+        retry: RetryPolicy | None = None,
     ) -> None:
-        super().__init__(spec, execution, retry)
+        super().__init__(spec, execution, api_key, retry)
         self._url = f"{self._client.base_url}/chat/completions"
 
-    def chat(self, conversations: list[list[Message]], sampling: Sampling) -> list[list[str]]:
+    def chat(self, conversations: list[Conversation], sampling: Sampling) -> list[list[str]]:
         """`sampling.n` completions per conversation, in input order."""
 
-        def complete(indexed: tuple[int, list[Message]]) -> list[str]:
+        def complete(indexed: tuple[int, Conversation]) -> list[str]:
             index, conversation = indexed
             where = f"{self.model_id} conversation {index}"
             payload = build_chat_payload(self._model, conversation, sampling)
@@ -244,19 +241,23 @@ class OpenAIRewardModel(_Endpoint):
     """
 
     def __init__(
-        self, spec: ModelSpec, execution: ExecutionConfig, retry: RetryPolicy | None = None
+        self,
+        spec: OpenAIModel,
+        execution: ExecutionConfig,
+        api_key: str | None = None,
+        retry: RetryPolicy | None = None,
     ) -> None:
-        super().__init__(spec, execution, retry)
+        super().__init__(spec, execution, api_key, retry)
         self._url = f"{server_root(self._client.base_url)}/classify"
 
     def score(
         self,
-        conversations: list[list[Message]],
+        conversations: list[Conversation],
         constraints: list[list[Constraint]] | None = None,
     ) -> list[float]:
         """One raw reward per conversation, in input order (`constraints` are ignored)."""
 
-        def classify(indexed: tuple[int, list[Message]]) -> float:
+        def classify(indexed: tuple[int, Conversation]) -> float:
             index, conversation = indexed
             where = f"{self.model_id} conversation {index}"
             payload = build_classify_payload(self._model, conversation)

