@@ -37,6 +37,7 @@ __all__ = [
     "RunParams",
     "ScoreTreesParams",
     "SelectRSFTParams",
+    "Stage1DataParams",
     "Stage1Params",
     "TrainDPOParams",
     "TrainSFTParams",
@@ -107,26 +108,30 @@ class RunParams(BaseModel):
         )
 
 
-# Rules give exact rewards without weights (the default reward model below); the untrained tiny
-# Bradley-Terry RM (backend transformers, path smollm2-135m-bt-rm) stays selectable.
-
-
-class Stage1Params(RunParams):
-    """The whole of Stage I: trees -> scores -> RSFT -> SFT -> trees -> scores -> DPO pairs -> DPO."""
+class Stage1DataParams(RunParams):
+    """The sections that decide Stage I data: prompts, policy, reward model, trees, selection."""
 
     ingest: IngestConfig = Field(default_factory=IngestConfig, description="the prompt set")
-    policy: ModelSpec = Field(
-        default_factory=TransformersModel, description="seed policy (trained by SFT, then DPO)"
-    )
+    policy: ModelSpec = Field(default_factory=TransformersModel, description="seed policy")
+    # Rules give exact rewards without weights; the untrained tiny Bradley-Terry RM (backend
+    # transformers, path smollm2-135m-bt-rm) stays selectable.
     reward: ModelSpec = Field(default_factory=RulesModel, description="reward model")
     templates_dir: str | None = Field(None, description=_TEMPLATES)
     tree: TreeConfig = Field(default_factory=TreeConfig, description="refinement trees")
     selection: SelectionConfig = Field(
         default_factory=SelectionConfig, description="RSFT and DPO selection rules"
     )
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig, description=_EXECUTION)
+
+
+class Stage1Params(Stage1DataParams):
+    """The whole of Stage I: trees -> scores -> RSFT -> SFT -> trees -> scores -> DPO pairs -> DPO.
+
+    The policy is trained (SFT, then DPO), so it must be a model with weights.
+    """
+
     sft: TrainingConfig = Field(default_factory=_demo_sft, description="RSFT training")
     dpo: TrainingConfig = Field(default_factory=_demo_dpo, description="DPO training")
-    execution: ExecutionConfig = Field(default_factory=ExecutionConfig, description=_EXECUTION)
 
     @field_validator("policy")
     @classmethod
@@ -218,22 +223,13 @@ class TrainDPOParams(RunParams):
     train_step: str = Field(Stage1Steps.TRAIN_DPO.step, description="name under checkpoints/")
 
 
-class RegenerateParams(RunParams):
+class RegenerateParams(Stage1DataParams):
     """Nightly regeneration of the Stage I datasets; `run_name` names the dataset.
 
     Publishes `runs/{run_name}-{YYYYMMDD}` and points `versions/{run_name}/latest.json` at it,
     generating trees only for prompts no earlier version (made with the same settings) has.
     """
 
-    ingest: IngestConfig = Field(default_factory=IngestConfig, description="today's prompt set")
-    policy: ModelSpec = Field(default_factory=TransformersModel, description="seed policy")
-    reward: ModelSpec = Field(default_factory=RulesModel, description="reward model")
-    templates_dir: str | None = Field(None, description=_TEMPLATES)
-    tree: TreeConfig = Field(default_factory=TreeConfig, description="refinement trees")
-    selection: SelectionConfig = Field(
-        default_factory=SelectionConfig, description="RSFT and DPO selection rules"
-    )
-    execution: ExecutionConfig = Field(default_factory=ExecutionConfig, description=_EXECUTION)
     version: str | None = Field(
         None, description="YYYYMMDD of the version to publish (default: today in `timezone`)"
     )
