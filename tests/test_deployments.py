@@ -1,9 +1,13 @@
-"""deployments/prefect.yaml: up to date with the configs, every entrypoint loads, every deployment's
-parameters pass its flow's validation, the nightly schedule parses; the job templates render."""
+"""FLOWS and deployments/prefect.yaml: every config file validates for every flow, the yaml is up
+to date, every entrypoint loads the flow FLOWS names, every deployment's parameters pass its flow's
+validation, engine-holding flows run on the gpu pool, the nightly schedule parses; the job
+templates render."""
 
 from __future__ import annotations
 
+import inspect
 import json
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -14,22 +18,97 @@ from prefect.client.schemas.schedules import CronSchedule
 from prefect.flows import load_flow_from_entrypoint
 from prefect.utilities.templating import apply_values, find_placeholders
 
-from flows import cli
+from avr_core.config import TrainingConfig
+from flows import deployments
+from flows.config_files import ConfigError, build_params, load_config, sections_for
+from flows.deployments import (
+    CONFIG_FILES,
+    CPU_POOL,
+    FLOWS,
+    GPU_POOL,
+    PARAM_NAME,
+    PREFECT_YAML,
+    check_config_file,
+    get_flow,
+    render_prefect_yaml,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB_TEMPLATES = ROOT / "deployments" / "job_templates"
+DEPLOYMENTS = yaml.safe_load(PREFECT_YAML.read_text())["deployments"]
 
 
 @pytest.fixture(scope="module")
 def document() -> dict[str, Any]:
-    return yaml.safe_load(cli.PREFECT_YAML.read_text())
+    return yaml.safe_load(PREFECT_YAML.read_text())
+
+
+def _holds_engine_or_trains(model: type) -> bool:
+    """A flow that loads a policy or reward model, or trains one, needs a GPU in the paper setup."""
+    fields = model.model_fields
+    return (
+        "policy" in fields
+        or "reward" in fields
+        or any(f.annotation is TrainingConfig for f in fields.values())
+    )
+
+
+# ---- FLOWS ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("entry", FLOWS, ids=lambda e: e.name)
+def test_entry_describes_its_flow(entry: deployments.FlowEntry) -> None:
+    assert entry.flow.name == entry.name
+    (parameter,) = inspect.signature(entry.flow.fn).parameters.values()
+    assert parameter.name == PARAM_NAME
+    annotation = typing.get_type_hints(entry.flow.fn)[PARAM_NAME]
+    assert entry.params_model in (annotation, *typing.get_args(annotation))
+    assert get_flow(entry.name) is entry
+
+
+def test_flow_names_are_unique_and_unknown_names_list_the_known() -> None:
+    names = [entry.name for entry in FLOWS]
+    assert len(set(names)) == len(names)
+    with pytest.raises(ConfigError, match="known flows: stage1, ingest-prompts"):
+        get_flow("stage2")
+
+
+# ---- config files -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("entry", FLOWS, ids=lambda e: e.name)
+def test_every_config_validates_for_every_flow(path: Path, entry: deployments.FlowEntry) -> None:
+    params = build_params(entry.params_model, load_config(path))
+    assert params.run_name == load_config(path)["run_name"]
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
+def test_every_key_of_a_config_is_taken_by_some_flow(path: Path) -> None:
+    config = check_config_file(path)
+    taken = {key for entry in FLOWS for key in sections_for(config, entry.params_model)}
+    assert taken == set(config)
+
+
+def test_a_key_no_flow_has_fails_naming_it(tmp_path: Path) -> None:
+    config = load_config(CONFIG_FILES[1])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**config, "stage2": {"max_rounds": 5}}))
+    with pytest.raises(ConfigError, match=r"bad\.yaml: no flow has the key\(s\) 'stage2'"):
+        check_config_file(bad)
+    bad.write_text(yaml.safe_dump({**config, "tree": {**config["tree"], "z": 3}}))
+    with pytest.raises(ConfigError, match=r"tree\.z: unknown key"):
+        check_config_file(bad)
+
+
+# ---- prefect.yaml -----------------------------------------------------------------------------
 
 
 def test_prefect_yaml_is_rendered_from_the_configs() -> None:
-    assert cli.PREFECT_YAML.read_text() == cli.render_prefect_yaml(), (
+    assert PREFECT_YAML.read_text() == render_prefect_yaml(), (
         "deployments/prefect.yaml is stale: run `avr render-deployments`"
     )
-    assert cli.main(["render-deployments", "--check"]) == 0
+    assert deployments.render_deployments(check=True) == 0
 
 
 def test_prefect_accepts_the_file(document: dict[str, Any]) -> None:
@@ -41,77 +120,48 @@ def test_prefect_accepts_the_file(document: dict[str, Any]) -> None:
     )
 
 
-def test_every_flow_has_tiny_and_paper_deployments(document: dict[str, Any]) -> None:
-    flows = cli.discover_flows()
-    assert {"stage1", "regenerate", "generate-trees", "score-trees"} <= set(flows)
+def test_every_flow_has_a_tiny_and_a_paper_deployment(document: dict[str, Any]) -> None:
     by_entrypoint: dict[str, set[str]] = {}
     for deployment in document["deployments"]:
         by_entrypoint.setdefault(deployment["entrypoint"], set()).add(deployment["name"])
-    for entry in flows.values():
-        expected = {"tiny", "nightly" if entry.name == "regenerate" else "paper"}
-        assert by_entrypoint.get(entry.entrypoint) == expected, entry.name
+    assert set(by_entrypoint) == {entry.entrypoint for entry in FLOWS}
+    for entry in FLOWS:
+        assert by_entrypoint[entry.entrypoint] == {"tiny", entry.paper_name}, entry.name
 
 
 @pytest.mark.parametrize(
-    "index", range(len(yaml.safe_load(cli.PREFECT_YAML.read_text())["deployments"]))
+    "deployment", DEPLOYMENTS, ids=lambda d: f"{d['entrypoint'].rsplit(':')[-1]}/{d['name']}"
 )
-def test_deployment_loads_and_its_parameters_validate(
-    document: dict[str, Any], index: int, monkeypatch: pytest.MonkeyPatch
+def test_deployment_loads_validates_and_has_its_pool(
+    deployment: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    deployment = document["deployments"][index]
     monkeypatch.chdir(ROOT)  # entrypoints are relative to the project root, as on workers
     flow = load_flow_from_entrypoint(deployment["entrypoint"])
+    entry = get_flow(flow.name)
+    assert entry.entrypoint == deployment["entrypoint"]
     # Prefect's own check of a run's parameters against the flow signature (pydantic models).
-    validated = flow.validate_parameters(deployment["parameters"])
-    entry = cli.discover_flows()[flow.name]
-    params = validated[entry.param_name]
+    params = flow.validate_parameters(deployment["parameters"])[PARAM_NAME]
     # Loaded from its file path, the flow's module is a fresh copy: compare models by name.
     assert type(params).__name__ == entry.params_model.__name__
     pool = deployment["work_pool"]["name"]
-    assert pool in (cli.CPU_POOL, cli.GPU_POOL)
     if deployment["name"] == "tiny":
-        assert pool == cli.CPU_POOL
+        assert pool == CPU_POOL, "tiny runs anywhere"
         assert "meta-llama" not in json.dumps(deployment["parameters"])
     else:
+        expected = GPU_POOL if _holds_engine_or_trains(entry.params_model) else CPU_POOL
+        assert pool == expected == entry.pool
         assert params.storage_root.startswith("s3://")
-    if deployment["name"] != "tiny" and flow.name in (
-        "stage1",
-        "generate-trees",
-        "score-trees",
-        "regenerate",
-    ):
-        assert pool == cli.GPU_POOL, "engines run on the gpu pool"
 
 
 def test_nightly_schedule(document: dict[str, Any]) -> None:
     (nightly,) = [d for d in document["deployments"] if d["name"] == "nightly"]
-    assert nightly["entrypoint"] == "flows/regenerate.py:regenerate"
+    assert nightly["entrypoint"] == get_flow("regenerate").entrypoint
     (schedule,) = nightly["schedules"]
-    assert schedule["timezone"] and schedule["active"] is True
+    assert schedule["active"] is True
     cron = CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])
     assert cron.timezone == "UTC"
     other = [d for d in document["deployments"] if d["name"] != "nightly"]
     assert not any(d.get("schedules") for d in other), "only the nightly run is scheduled"
-
-
-def test_paper_config_mirrors_the_paper() -> None:
-    paper = cli.load_config(cli.PAPER_CONFIG)
-    assert paper["policy"] == {
-        "backend": "vllm",
-        "path": "meta-llama/Meta-Llama-3-8B-Instruct",
-        "dtype": "bfloat16",
-    }
-    assert paper["reward"]["backend"] == "vllm" and "27B" in paper["reward"]["path"]
-    assert (paper["x"], paper["y"]) == (2, 2)
-    assert (paper["sampling"]["temperature"], paper["sampling"]["top_p"]) == (0.7, 0.8)
-    assert paper["require_rating"] is True and paper["max_format_retries"] == 5
-    selection = paper["selection"]
-    assert (
-        selection["degenerate_repeat_threshold"],
-        selection["rsft_max_extra_chars"],
-        selection["rsft_max_length_ratio"],
-    ) == (60, 400, 1.2)
-    assert paper["stage2"]["max_rounds"] == 5
 
 
 @pytest.mark.parametrize("name", ["gpu-kubernetes.json", "gpu-docker.json"])

@@ -1,49 +1,85 @@
 """Deployments against a real Prefect server: deploy prefect.yaml, run a worker, trigger runs the
 way the UI's Run button does, resume a killed run with `prefect flow-run retry`.
 
-Everything listens on 127.0.0.1 and is stopped at the end (whole process groups). The flow is
-`regenerate` on the tiny CPU config (data only: ingest, trees, scores, RSFT set, pairs) with
-a few prompts and tiny generations.
+The server keeps its state in PostgreSQL when one is reachable at 127.0.0.1:5432 (trust auth:
+a fresh database per test session, dropped at the end), as a server with workers should; in
+SQLite otherwise. Everything listens on 127.0.0.1 and is stopped at the end (whole process
+groups). The flow is `regenerate` on the tiny CPU config (data only: ingest, trees, scores, RSFT
+set, pairs) with a few prompts and tiny generations.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
+import httpx
 import pytest
 import yaml
+from prefect.client.orchestration import PrefectClient
+from prefect.client.schemas.actions import WorkPoolCreate
 
+from avr_core.layout import RunLayout, version_record_path
 from avr_core.storage import DatasetStore
-from flows import cli
+from flows.deployments import CPU_POOL, GPU_POOL, NIGHTLY_CRON, PREFECT_YAML
+from flows.local_prefect import LocalPrefect, ensure_pool, start_local_prefect
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_PROMPTS = ROOT / "avr_core" / "data" / "demo_prompts.jsonl"
 DEPLOYMENT = "regenerate/tiny"
+LATEST = version_record_path("tiny", "latest")
+POSTGRES = "postgres@127.0.0.1:5432"
+
+
+async def _postgres(sql: str, database: str = "test") -> Any:
+    """Run one statement; returns the first value of its first row, if any."""
+    connection = await asyncpg.connect(f"postgresql://{POSTGRES}/{database}", timeout=5)
+    try:
+        return await connection.fetchval(sql)
+    finally:
+        await connection.close()
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[cli.LocalPrefect]:
+def database_url() -> Iterator[str | None]:
+    """A fresh PostgreSQL database for the server (dropped afterwards), or None for SQLite."""
+    name = f"avr_prefect_{uuid.uuid4().hex[:12]}"
+    try:
+        asyncio.run(_postgres(f'CREATE DATABASE "{name}"'))
+    except (OSError, TimeoutError, asyncpg.PostgresError):
+        yield None  # no PostgreSQL here: the server's default SQLite file in its PREFECT_HOME
+        return
+    try:
+        yield f"postgresql+asyncpg://{POSTGRES}/{name}"
+    finally:
+        asyncio.run(_postgres(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="module")
+def server(
+    tmp_path_factory: pytest.TempPathFactory, database_url: str | None
+) -> Iterator[LocalPrefect]:
     """Server + cpu/gpu process pools + all deployments + a worker on the cpu pool."""
     home = tmp_path_factory.mktemp("prefect-home")
-    with cli.start_local_prefect(home) as local:
-        for pool in (cli.CPU_POOL, cli.GPU_POOL):
-            cli.ensure_pool(local, pool)
-        local.prefect("deploy", "--prefect-file", str(cli.PREFECT_YAML), "--all")
-        local.start_worker(cli.CPU_POOL)
+    extra_env = {"PREFECT_API_DATABASE_CONNECTION_URL": database_url} if database_url else {}
+    with start_local_prefect(home, extra_env=extra_env) as local:
+        for pool in (CPU_POOL, GPU_POOL):
+            ensure_pool(local, pool)
+        local.prefect("deploy", "--prefect-file", str(PREFECT_YAML), "--all")
+        local.start_worker(CPU_POOL)
         yield local
 
 
-def _client_call(local: cli.LocalPrefect, fn):  # noqa: ANN001 - an async client function
+def _client_call(local: LocalPrefect, fn):  # noqa: ANN001 - an async client function
     """Run `fn(client)` against this server (not the session's test harness)."""
-    import asyncio
-
-    from prefect.client.orchestration import PrefectClient
 
     async def call() -> Any:
         async with PrefectClient(local.api_url) as client:
@@ -52,7 +88,7 @@ def _client_call(local: cli.LocalPrefect, fn):  # noqa: ANN001 - an async client
     return asyncio.run(call())
 
 
-def _tiny_params(local: cli.LocalPrefect, **changes: Any) -> dict[str, Any]:
+def _tiny_params(local: LocalPrefect, **changes: Any) -> dict[str, Any]:
     """The tiny deployment's stored parameters with `changes` (what the UI form submits)."""
 
     async def read(client) -> dict[str, Any]:  # noqa: ANN001
@@ -61,18 +97,22 @@ def _tiny_params(local: cli.LocalPrefect, **changes: Any) -> dict[str, Any]:
 
     params = json.loads(json.dumps(_client_call(local, read)["params"]))
     for key, value in changes.items():
-        section, _, field = key.partition(".")
-        if field:
-            params[section][field] = value
-        else:
-            params[key] = value
+        *sections, field = key.split(".")
+        target = params
+        for section in sections:
+            target = target.setdefault(section, {})
+        target[field] = value
     return {"params": params}
 
 
-def _create_run(local: cli.LocalPrefect, parameters: dict[str, Any]) -> str:
-    """POST /deployments/{id}/create_flow_run, as the UI's Run button does; returns the run id."""
-    import httpx
+def _plan(published: dict[str, Any]) -> tuple[int, int, str | None]:
+    """(new, reused, previous) of a published version record."""
+    plan = published["plan"]
+    return plan["new"], plan["reused"], plan["previous"]
 
+
+def _create_run(local: LocalPrefect, parameters: dict[str, Any]) -> str:
+    """POST /deployments/{id}/create_flow_run, as the UI's Run button does; returns the run id."""
     deployment = httpx.get(f"{local.api_url}/deployments/name/{DEPLOYMENT}", timeout=30).json()
     response = httpx.post(
         f"{local.api_url}/deployments/{deployment['id']}/create_flow_run",
@@ -83,13 +123,11 @@ def _create_run(local: cli.LocalPrefect, parameters: dict[str, Any]) -> str:
     return response.json()["id"]
 
 
-def _state(local: cli.LocalPrefect, run_id: str) -> str:
-    import httpx
-
+def _state(local: LocalPrefect, run_id: str) -> str:
     return httpx.get(f"{local.api_url}/flow_runs/{run_id}", timeout=30).json()["state"]["type"]
 
 
-def _wait(local: cli.LocalPrefect, run_id: str, done: set[str], timeout: float = 600) -> str:
+def _wait(local: LocalPrefect, run_id: str, done: set[str], timeout: float = 600) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         state = _state(local, run_id)
@@ -113,24 +151,24 @@ def _shard_mtimes(root: Path, run: str) -> dict[str, int]:
     }
 
 
-def _cheap(local: cli.LocalPrefect, store: Path, prompts: str, version: str, shard_size: int):
+def _cheap(local: LocalPrefect, store: Path, prompts: str, version: str, shard_size: int):
     return _tiny_params(
         local,
-        storage_root=str(store),
-        prompts=prompts,
-        version=version,
-        shard_size=shard_size,
-        max_prompts=None,
-        x=1,
-        y=1,
-        **{"sampling.max_tokens": 8},
+        **{
+            "storage_root": str(store),
+            "ingest.prompts": prompts,
+            "ingest.shard_size": shard_size,
+            "ingest.max_prompts": None,
+            "version": version,
+            "tree.x": 1,
+            "tree.y": 1,
+            "tree.sampling.max_tokens": 8,
+        },
     )
 
 
-def test_gpu_job_templates_are_accepted_by_the_server(server: cli.LocalPrefect) -> None:
+def test_gpu_job_templates_are_accepted_by_the_server(server: LocalPrefect) -> None:
     """The server validates a pool's base job template (placeholders vs. declared variables)."""
-    from prefect.client.schemas.actions import WorkPoolCreate
-
     for name, kind in (("gpu-kubernetes.json", "kubernetes"), ("gpu-docker.json", "docker")):
         template = json.loads((ROOT / "deployments" / "job_templates" / name).read_text())
         pool = WorkPoolCreate(name=f"check-{kind}", type=kind, base_job_template=template)
@@ -140,8 +178,8 @@ def test_gpu_job_templates_are_accepted_by_the_server(server: cli.LocalPrefect) 
         )
 
 
-def test_deployments_match_prefect_yaml(server: cli.LocalPrefect) -> None:
-    document = yaml.safe_load(cli.PREFECT_YAML.read_text())
+def test_deployments_match_prefect_yaml(server: LocalPrefect) -> None:
+    document = yaml.safe_load(PREFECT_YAML.read_text())
 
     async def read(client) -> list[Any]:  # noqa: ANN001
         return await client.read_deployments()
@@ -150,12 +188,22 @@ def test_deployments_match_prefect_yaml(server: cli.LocalPrefect) -> None:
     assert len(deployed) == len(document["deployments"])
     (nightly,) = [d for d in deployed if d.name == "nightly"]
     (schedule,) = nightly.schedules
-    assert schedule.schedule.cron == cli.NIGHTLY_CRON and schedule.schedule.timezone == "UTC"
-    assert nightly.work_pool_name == cli.GPU_POOL
+    assert schedule.schedule.cron == NIGHTLY_CRON and schedule.schedule.timezone == "UTC"
+    assert nightly.work_pool_name == GPU_POOL
+
+
+def test_server_state_is_in_postgres_when_reachable(
+    server: LocalPrefect, database_url: str | None
+) -> None:
+    if database_url is None:
+        pytest.skip("no PostgreSQL at 127.0.0.1:5432: the server keeps its state in SQLite")
+    database = database_url.rsplit("/", 1)[1]
+    count = asyncio.run(_postgres("SELECT count(*) FROM deployment", database))
+    assert count == len(yaml.safe_load(PREFECT_YAML.read_text())["deployments"])
 
 
 def test_ui_run_publishes_a_version_and_the_next_reuses_it(
-    server: cli.LocalPrefect, tmp_path: Path
+    server: LocalPrefect, tmp_path: Path
 ) -> None:
     store_dir = tmp_path / "store"
     first = _cheap(server, store_dir, _prompt_file(tmp_path / "p4.jsonl", 4), "20260101", 2)
@@ -163,14 +211,15 @@ def test_ui_run_publishes_a_version_and_the_next_reuses_it(
     assert _wait(server, run_id, {"COMPLETED", "FAILED", "CRASHED"}) == "COMPLETED"
 
     store = DatasetStore(str(store_dir))
-    latest = store.read_json("versions/tiny/latest.json")
+    latest = store.read_json(LATEST)
     assert latest["run"] == "tiny-20260101" and latest["complete"] is True
-    assert (latest["new"], latest["reused"], latest["previous"]) == (4, 0, None)
+    assert _plan(latest) == (4, 0, None)
     for step in ("seed_scored", "rsft", "pairs"):
         assert store.read_manifest("tiny-20260101", "stage1", step) is not None, step
     assert store.read_manifest("tiny-20260101", "stage1", "seed_scored").total_rows == 4
-    run_json = store.read_json("runs/tiny-20260101/run.json")
-    assert run_json["flow"] == "regenerate" and run_json["config"]["sampling"]["max_tokens"] == 8
+    run_json = store.read_json(RunLayout("tiny-20260101").run_record)
+    assert run_json["flow"] == "regenerate"
+    assert run_json["config"]["tree"]["sampling"]["max_tokens"] == 8
 
     # Next night: two prompts added, one removed -> only the two new ones are generated.
     lines = DEMO_PROMPTS.read_text().splitlines()
@@ -179,22 +228,22 @@ def test_ui_run_publishes_a_version_and_the_next_reuses_it(
     second = _cheap(server, store_dir, str(changed), "20260102", 2)
     run_id = _create_run(server, second)
     assert _wait(server, run_id, {"COMPLETED", "FAILED", "CRASHED"}) == "COMPLETED"
-    latest = store.read_json("versions/tiny/latest.json")
+    latest = store.read_json(LATEST)
     assert latest["run"] == "tiny-20260102"
-    assert (latest["new"], latest["reused"], latest["previous"]) == (2, 3, "tiny-20260101")
+    assert _plan(latest) == (2, 3, "tiny-20260101")
     assert store.read_manifest("tiny-20260102", "inputs", "prompts").total_rows == 2
     scored = store.read_records("tiny-20260102", "stage1", "seed_scored", "RefinementTree")
     assert len(scored) == 5 and len({t.prompt_id for t in scored}) == 5
     reused_lineage = {t.lineage.run for t in scored}
     assert reused_lineage == {"tiny-20260101", "tiny-20260102"}
-    assert store.read_json("versions/tiny/20260101.json")["run"] == "tiny-20260101"
+    assert store.read_json(version_record_path("tiny", "20260101"))["run"] == "tiny-20260101"
 
 
-def test_killed_run_resumes_with_flow_run_retry(server: cli.LocalPrefect, tmp_path: Path) -> None:
+def test_killed_run_resumes_with_flow_run_retry(server: LocalPrefect, tmp_path: Path) -> None:
     store_dir = tmp_path / "store"
     params = _cheap(server, store_dir, _prompt_file(tmp_path / "p4.jsonl", 4), "20260201", 1)
     # Long enough answers that the run is still generating when the cancellation lands.
-    params["params"]["sampling"]["max_tokens"] = 32
+    params["params"]["tree"]["sampling"]["max_tokens"] = 32
     run_id = _create_run(server, params)
 
     # Cancel the run (the worker kills its process) once the first tree shard is committed.
@@ -224,4 +273,4 @@ def test_killed_run_resumes_with_flow_run_retry(server: cli.LocalPrefect, tmp_pa
     assert {k: after[k] for k in before} == before, "finished shards were rewritten"
     assert len([k for k in after if "/seed_trees/" in k]) == 4
     assert store.read_manifest("tiny-20260201", "stage1", "seed_trees").total_rows == 4
-    assert store.read_json("versions/tiny/latest.json")["run"] == "tiny-20260201"
+    assert store.read_json(LATEST)["run"] == "tiny-20260201"
