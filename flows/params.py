@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Annotated
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from avr_core.config import (
     ExecutionConfig,
@@ -75,6 +76,15 @@ def _demo_dpo() -> TrainingConfig:
     return TrainingConfig(learning_rate=5e-6, max_steps=8, max_length=512, save_steps=4)
 
 
+def _trainable(spec: ModelSpec) -> ModelSpec:
+    """A policy that is trained must be weights we can load, not a served model or rules."""
+    weights_path(spec, "policy")
+    return spec
+
+
+TrainablePolicy = Annotated[ModelSpec, AfterValidator(_trainable)]
+
+
 class RunParams(BaseModel):
     """What every flow needs: which run, and where its data lives."""
 
@@ -130,14 +140,11 @@ class Stage1Params(Stage1DataParams):
     The policy is trained (SFT, then DPO), so it must be a model with weights.
     """
 
+    policy: TrainablePolicy = Field(
+        default_factory=TransformersModel, description="seed policy (trained by SFT, then DPO)"
+    )
     sft: TrainingConfig = Field(default_factory=_demo_sft, description="RSFT training")
     dpo: TrainingConfig = Field(default_factory=_demo_dpo, description="DPO training")
-
-    @field_validator("policy")
-    @classmethod
-    def _policy_is_trainable(cls, spec: ModelSpec) -> ModelSpec:
-        weights_path(spec, "policy")
-        return spec
 
 
 # ---- the steps, each runnable as its own flow on data already in storage ------------------
@@ -193,7 +200,7 @@ class BuildPairsParams(RunParams):
 class TrainSFTParams(RunParams):
     """SFT of the policy on an SFTExample step (by default the run's RSFT set)."""
 
-    policy: ModelSpec = Field(
+    policy: TrainablePolicy = Field(
         default_factory=TransformersModel,
         description="the model to fine-tune (its path is the base model)",
     )
@@ -201,12 +208,6 @@ class TrainSFTParams(RunParams):
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig, description=_EXECUTION)
     dataset: StepRef = Field(Stage1Steps.RSFT, description="(stage, step) of the SFT examples")
     train_step: str = Field(Stage1Steps.TRAIN_SFT.step, description="name under checkpoints/")
-
-    @field_validator("policy")
-    @classmethod
-    def _policy_is_trainable(cls, spec: ModelSpec) -> ModelSpec:
-        weights_path(spec, "policy")
-        return spec
 
 
 class TrainDPOParams(RunParams):
