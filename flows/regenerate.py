@@ -24,10 +24,10 @@ from avr_core.templates import load_templates
 from avr_core.versions import PublishedVersion, today, version_run_name
 from avr_core.versions import RegenerateSteps as S
 from flows.params import RegenerateParams
-from flows.stage1 import start_run_task
 from tasks.datasets import build_pairs_task, select_rsft_task
 from tasks.prompts import ingest_prompts_task
 from tasks.regenerate import merge_scored_task, plan_regeneration_task, publish_version_task
+from tasks.runlog import start_run_task
 from tasks.trees import generate_trees_task, revision_of, score_trees_task
 
 __all__ = ["regenerate"]
@@ -41,7 +41,7 @@ def regenerate(params: RegenerateParams | None = None) -> PublishedVersion:
     version = params.version or today(params.timezone)
     # One run per version: every step below reads and writes runs/{dataset}-{version}.
     p = params.model_copy(update={"run_name": version_run_name(dataset, version)})
-    start_run_task(p, "regenerate")
+    start_run_task(p.storage_root, p.run_name, "regenerate", p)
     trees_key = scored_trees_key(
         p.policy,
         revision_of(p.policy),

@@ -8,42 +8,28 @@ the same run name reuses every finished shard and resumes training from its sync
 
 from __future__ import annotations
 
-from prefect import flow, task
+from prefect import flow
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
 
 from avr_core.config import weights_path
-from avr_core.layout import RunLayout
 from avr_core.reporting import format_run_summary, render_run_markdown
 from avr_core.results import RunSummary
 from avr_core.steps import Stage1Steps as S
-from flows.params import RunParams, Stage1Params
+from flows.params import Stage1Params
 from tasks.datasets import build_pairs_task, select_rsft_task
-from tasks.engines import open_store
 from tasks.prompts import ingest_prompts_task
-from tasks.runlog import artifact_key, record_run_start
+from tasks.runlog import artifact_key, start_run_task
 from tasks.training import train_model_task
 from tasks.trees import generate_trees_task, score_trees_task
 
-__all__ = ["stage1", "start_run_task"]
-
-
-@task(name="start-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
-def start_run_task(params: RunParams, flow_name: str, run: str | None = None) -> str:
-    """Check the store is writable and record the run's config and code version; returns the
-    run record's URI."""
-    store = open_store(params.storage_root)
-    store.check_reachable()
-    run = run or params.run_name
-    record_run_start(store, run, flow_name, params)
-    return store.uri(RunLayout(run).run_record)
+__all__ = ["stage1"]
 
 
 @flow(name="stage1", log_prints=True)
 def stage1(params: Stage1Params | None = None) -> RunSummary:
     """Run Stage I end to end; returns where every dataset and checkpoint is, and counts."""
     p = params or Stage1Params()
-    run_record_uri = start_run_task(p, "stage1")
+    run_record_uri = start_run_task(p.storage_root, p.run_name, "stage1", p)
 
     prompts = ingest_prompts_task(p.step_io(S.PROMPTS), p.ingest)
 

@@ -15,14 +15,16 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from prefect import task
 from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from avr_core.layout import RunLayout, StepRef
 from avr_core.reporting import markdown_table, render_step_markdown
 from avr_core.results import StepResult, TrainResult
 from avr_core.storage import DatasetStore
-from tasks.engines import settings
+from tasks.engines import open_store, settings
 
 __all__ = [
     "artifact_key",
@@ -31,6 +33,7 @@ __all__ = [
     "publish_training_report",
     "record_run_start",
     "record_step",
+    "start_run_task",
 ]
 
 
@@ -109,6 +112,16 @@ def record_run_start(store: DatasetStore, run: str, flow: str, config: BaseModel
             "attempts": [*previous.get("attempts", []), {"flow": flow, "started_at": now}],
         },
     )
+
+
+@task(name="start-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+def start_run_task(storage_root: str, run: str, flow_name: str, config: BaseModel) -> str:
+    """Check the store is writable and record the run's config and code version; returns the
+    run record's URI."""
+    store = open_store(storage_root)
+    store.check_reachable()
+    record_run_start(store, run, flow_name, config)
+    return store.uri(RunLayout(run).run_record)
 
 
 def record_step(
