@@ -51,14 +51,6 @@ class StepRef(NamedTuple):
     def __str__(self) -> str:
         return f"{self.stage}/{self.step}"
 
-    @classmethod
-    def parse(cls, text: str) -> StepRef:
-        """`"stage1/pairs"` -> StepRef("stage1", "pairs")."""
-        stage, sep, step = text.partition("/")
-        if not sep:
-            raise ValueError(f"step {text!r} must be written stage/step, e.g. stage1/pairs")
-        return cls(check_name("stage", stage), check_name("step", step))
-
 
 def check_name(kind: str, value: str) -> str:
     """Reject run/stage/step names that would escape or split the layout."""
@@ -139,6 +131,3 @@ class RunLayout:
 
     def job_marker(self, train_step: str) -> str:
         return f"{self.checkpoints(train_step)}/{JOB_MARKER}"
-
-    def training_record(self, train_step: str) -> str:
-        return self.step_record(StepRef(CHECKPOINTS, train_step))
