@@ -5,7 +5,8 @@ a benchmark, a test or one worker of many can drive it:
 
 1. `plan_step` reads the manifests of the step's sources, derives the step's fingerprint from its
    config and theirs, and lists its shard indices (shard i of the target is computed from shard i
-   of every source, zipped by index) and which are already committed under that fingerprint.
+   of every source, zipped by index) and which are already committed: under that fingerprint,
+   from the source shards as they are now (their sha256s), with their rows intact.
 2. `run_shards` computes a subset of the pending shards (all of them by default), committing each
    as soon as it is done; an error in one shard fails only that shard.
 3. `seal_step` writes the manifest once, only when every shard of the plan is committed.
@@ -29,7 +30,7 @@ from avr_core.layout import CHECKPOINTS, StepRef
 from avr_core.reporting import ShardStats, gain_summary, merge_stats
 from avr_core.results import StepResult
 from avr_core.schemas import ArrowRecord
-from avr_core.storage import DatasetStore, Manifest, StepIncompleteError
+from avr_core.storage import DatasetStore, Manifest, StepIncompleteError, inputs_digest
 
 __all__ = [
     "ProgressCallback",
@@ -149,6 +150,10 @@ class StepPlan:
     sources: tuple[Source, ...]
     indices: tuple[int, ...]
     done: frozenset[int]
+    # The sources' manifests as planned, and shard index -> digest of the source shards that
+    # shard is computed from (None for a step without sources).
+    source_manifests: tuple[Manifest, ...] = ()
+    inputs: dict[int, str] | None = None
 
     @property
     def pending(self) -> list[int]:
@@ -199,6 +204,10 @@ def plan_step(
 ) -> StepPlan:
     """Plan `target`: fingerprint = its `config` + its sources' fingerprints; shards = theirs.
 
+    The sources' contents count per shard: shard i is committed only if it was computed from the
+    source shards i that their manifests list now (`StepPlan.inputs`), so an upstream shard
+    recomputed since re-derives exactly the shards that read it.
+
     A step without sources (data written from memory, e.g. ingested prompts) names its
     `shard_count` instead.
     """
@@ -220,8 +229,28 @@ def plan_step(
     fingerprint = config_fingerprint(
         {**config, "upstream": [manifest.fingerprint for manifest in manifests]}
     )
-    done = frozenset(store.completed_shards(run, *target, fingerprint)) & frozenset(indices)
-    plan = StepPlan(store, run, target, record_type, fingerprint, tuple(sources), indices, done)
+    inputs = (
+        {
+            index: inputs_digest([manifest.shard(index).sha256 for manifest in manifests])
+            for index in indices
+        }
+        if manifests
+        else None
+    )
+    committed = store.completed_shards(run, *target, fingerprint, inputs)
+    done = frozenset(committed) & frozenset(indices)
+    plan = StepPlan(
+        store,
+        run,
+        target,
+        record_type,
+        fingerprint,
+        tuple(sources),
+        indices,
+        done,
+        tuple(manifests),
+        inputs,
+    )
     logger.debug(
         "%s: %d shards, %d already done with fingerprint %s, %d to compute",
         target,
@@ -251,13 +280,17 @@ def run_shards(
         raise ValueError(f"{plan.target}: shards {unknown} are not part of this step")
     todo = [i for i in wanted if i not in plan.done]
     store, run = plan.store, plan.run
+    digests = plan.inputs or {}
     ran = ShardsRun()
     for position, index in enumerate(todo, start=1):
         started = time.perf_counter()
         try:
+            # Read exactly the source shards the plan saw: one changed since is an error here.
             inputs = tuple(
-                store.read_shard_records(run, *source.ref, index, source.record_type)
-                for source in plan.sources
+                store.read_shard_records(
+                    run, *source.ref, index, source.record_type, manifest.shard(index).sha256
+                )
+                for source, manifest in zip(plan.sources, plan.source_manifests, strict=True)
             )
             output = compute(index, inputs)
             computed = time.perf_counter() - started
@@ -271,6 +304,7 @@ def run_shards(
                 plan.record_type,
                 plan.fingerprint,
                 stats=output.stats.model_dump(mode="json"),
+                inputs=digests.get(index, ""),
             )
         except Exception as err:  # noqa: BLE001 - one bad shard must not cost the finished ones
             ran.failed[index] = f"{type(err).__name__}: {err}"
@@ -308,7 +342,7 @@ def seal_step(
     computed itself (default: every shard that was pending when the step was planned).
     """
     manifest, shard_stats = plan.store.seal(
-        plan.run, plan.target, plan.record_type, plan.fingerprint, list(plan.indices)
+        plan.run, plan.target, plan.record_type, plan.fingerprint, list(plan.indices), plan.inputs
     )
     stats = merge_stats(ShardStats.model_validate(s) for s in shard_stats.values())
     for key, value in (extra_counts or {}).items():

@@ -3,11 +3,18 @@
 Locations come from `avr_core.layout`; whole-file atomic I/O from `avr_core.rootfs`.
 
 A shard is the unit of checkpointing. Its file appears whole or not at all (`RootFS.write_bytes`).
-A shard counts as complete only if its Parquet footer parses and the config fingerprint stored in
-that footer is the one asked for, so a truncated file or a shard from an older config is
-recomputed, never reused. The footer also carries the shard's statistics, so a committed shard
-and its statistics can never disagree. The manifest is written last: its presence means every
-listed shard is final, and it records each shard's sha256 so later changes are detected.
+Its Parquet footer makes it self-describing: the step's config fingerprint, a digest of the input
+shards it was computed from, a digest of its own rows, and its statistics. A shard counts as
+committed only if all of these check out:
+- the footer parses (a truncated file is an interrupted write) and names the asked fingerprint
+  (a shard from an older config is recomputed, never reused);
+- its inputs digest is the one the current inputs give (an upstream shard that was recomputed
+  since re-derives this one);
+- its rows hash to the footer's content digest, or, where a manifest of the same fingerprint
+  lists it, its bytes hash to the manifest's sha256 (a shard edited or swapped behind the
+  factory's back is recomputed, never re-sealed).
+The manifest is written last: its presence means every listed shard is final, and it records each
+shard's sha256 so later changes are detected on read.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
@@ -56,6 +63,8 @@ __all__ = [
     "StepStatus",
     "StorageError",
     "StorageUnreachableError",
+    "content_digest",
+    "inputs_digest",
 ]
 
 logger = logging.getLogger(__name__)
@@ -67,6 +76,8 @@ META_SCHEMA_VERSION = b"avr.schema_version"
 META_SHARD_INDEX = b"avr.shard_index"
 META_ROWS = b"avr.rows"
 META_STATS = b"avr.stats"
+META_CONTENT = b"avr.content_sha256"
+META_INPUTS = b"avr.inputs_sha256"
 
 
 class StepIncompleteError(StorageError):
@@ -93,6 +104,19 @@ class Manifest(BaseModel):
     total_rows: int
     created_at: str
 
+    def shard(self, index: int) -> ShardInfo:
+        """The listed shard `index` (KeyError if the manifest does not list it)."""
+        for info in self.shards:
+            if info.index == index:
+                return info
+        raise KeyError(f"shard {index} is not in this manifest")
+
+    @property
+    def content_digest(self) -> str:
+        """Digest of every listed shard's bytes: changes whenever any shard's content does."""
+        listing = [[info.index, info.sha256] for info in sorted(self.shards, key=lambda s: s.index)]
+        return sha256_hex(json.dumps(listing).encode())
+
 
 class StepStatus(BaseModel):
     """What storage says about one step of a run (for `avr runs` / `avr show`)."""
@@ -114,12 +138,30 @@ class CommittedShard(NamedTuple):
 
 
 class _ShardFile(NamedTuple):
-    """A whole shard file as read: its info, bytes, footer record type and stats."""
+    """A whole shard file as read: its info, bytes, footer record type, stats and digests."""
 
     info: ShardInfo
     data: bytes
     record_type: str
     stats: dict[str, Any]
+    content_sha256: str = ""
+    inputs_sha256: str = ""
+
+
+def content_digest(table: pa.Table) -> str:
+    """sha256 of a table's rows as canonical JSON: independent of Parquet encoding and footer.
+
+    Hashing values rather than file bytes lets a shard carry its own digest in its footer, and
+    keeps the digest stable across pyarrow versions that encode the same rows differently.
+    """
+    rows = table.replace_schema_metadata(None).to_pylist()
+    text = json.dumps(rows, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+    return sha256_hex(text.encode("utf-8"))
+
+
+def inputs_digest(source_shas: list[str]) -> str:
+    """Digest of the input shards (their sha256s, in source order) one shard was computed from."""
+    return sha256_hex(json.dumps(source_shas).encode()) if source_shas else ""
 
 
 def _record_class(record_type: type[ArrowRecord] | str) -> type[ArrowRecord]:
@@ -191,8 +233,14 @@ class DatasetStore:
         record_type: type[ArrowRecord] | str,
         fingerprint: str,
         stats: dict[str, Any] | None = None,
+        inputs: str = "",
     ) -> ShardInfo:
-        """Commit one shard atomically (stats in its footer); replaces an older shard."""
+        """Commit one shard atomically; replaces an older shard.
+
+        Its footer records the fingerprint, the digest of the `inputs` it was computed from
+        (`inputs_digest` of the source shards; "" for a step written from memory), a digest of its
+        rows and its statistics.
+        """
         cls = _record_class(record_type)
         layout, ref = RunLayout(run), StepRef(stage, step)
         table = records_to_table(records, cls)
@@ -200,6 +248,8 @@ class DatasetStore:
             table,
             {
                 META_FINGERPRINT: fingerprint.encode(),
+                META_CONTENT: content_digest(table).encode(),
+                META_INPUTS: inputs.encode(),
                 META_RECORD_TYPE: cls.__name__.encode(),
                 META_SCHEMA_VERSION: SCHEMA_VERSION.encode(),
                 META_SHARD_INDEX: str(index).encode(),
@@ -251,23 +301,101 @@ class DatasetStore:
             fingerprint=metadata.get(META_FINGERPRINT, b"").decode(),
         )
         stats = json.loads(metadata.get(META_STATS, b"{}") or b"{}")
-        return _ShardFile(info, data, metadata.get(META_RECORD_TYPE, b"").decode(), stats)
+        return _ShardFile(
+            info,
+            data,
+            metadata.get(META_RECORD_TYPE, b"").decode(),
+            stats,
+            metadata.get(META_CONTENT, b"").decode(),
+            metadata.get(META_INPUTS, b"").decode(),
+        )
+
+    def _readable_manifest(self, run: str, ref: StepRef) -> Manifest | None:
+        """The step's manifest, or None if it is missing or unreadable (an edited manifest)."""
+        try:
+            return self.read_manifest(run, *ref)
+        except StorageError as err:
+            logger.warning("%s: ignoring the manifest: %s", self.step_uri(run, *ref), err)
+            return None
+
+    def _why_not_committed(
+        self, shard: _ShardFile, fingerprint: str, inputs: str | None, vouched: ShardInfo | None
+    ) -> str | None:
+        """Why `shard` cannot count as committed under `fingerprint` and `inputs`; None if it can.
+
+        `vouched` is the shard as listed by a manifest of the same fingerprint, if any: matching
+        its sha256 proves the content without parsing it.
+        """
+        if shard.info.fingerprint != fingerprint:
+            return f"written with fingerprint {shard.info.fingerprint or '(none)'}"
+        if inputs is not None and shard.inputs_sha256 != inputs:
+            return "computed from inputs that have changed since"
+        if vouched is not None:
+            if vouched.sha256 != shard.info.sha256:
+                return "changed after the manifest was written"
+            return None
+        try:
+            table = pq.read_table(pa.BufferReader(shard.data))
+        except (pa.ArrowException, OSError) as err:
+            return f"not readable: {err}"
+        if not shard.content_sha256 or content_digest(table) != shard.content_sha256:
+            return "its rows do not match the content digest in its footer"
+        return None
 
     def committed_shards(
-        self, run: str, stage: str, step: str, fingerprint: str
+        self,
+        run: str,
+        stage: str,
+        step: str,
+        fingerprint: str,
+        inputs: Mapping[int, str] | None = None,
     ) -> dict[int, CommittedShard]:
-        """Shards of a step that are whole files written with `fingerprint`, with their stats."""
+        """Shards of a step that are committed under `fingerprint`, with their stats.
+
+        `inputs` maps shard index -> expected `inputs_digest` (None: a step without sources).
+        A shard that fails a check is logged and left out, so the caller recomputes it.
+        """
         return {
-            shard.info.index: CommittedShard(shard.info, shard.stats)
-            for shard in self._scan_shards(run, stage, step)
-            if shard.info.fingerprint == fingerprint
+            index: CommittedShard(shard.info, shard.stats)
+            for index, shard in self._verified_shards(
+                run, StepRef(stage, step), fingerprint, inputs
+            ).items()
         }
 
+    def _verified_shards(
+        self, run: str, ref: StepRef, fingerprint: str, inputs: Mapping[int, str] | None
+    ) -> dict[int, _ShardFile]:
+        manifest = self._readable_manifest(run, ref)
+        vouching = (
+            {info.index: info for info in manifest.shards}
+            if manifest is not None and manifest.fingerprint == fingerprint
+            else {}
+        )
+        verified = {}
+        for shard in self._scan_shards(run, *ref):
+            index = shard.info.index
+            expected_inputs = None if inputs is None else inputs.get(index, "")
+            why = self._why_not_committed(shard, fingerprint, expected_inputs, vouching.get(index))
+            if why is None:
+                verified[index] = shard
+            elif shard.info.fingerprint == fingerprint:
+                # Only worth a warning when it would otherwise have been reused.
+                logger.warning("%s: not reused, will be recomputed: %s", shard.info.path, why)
+        return verified
+
     def completed_shards(
-        self, run: str, stage: str, step: str, fingerprint: str
+        self,
+        run: str,
+        stage: str,
+        step: str,
+        fingerprint: str,
+        inputs: Mapping[int, str] | None = None,
     ) -> dict[int, ShardInfo]:
-        """Shards of a step that are whole files written with `fingerprint`, by index."""
-        return {i: c.info for i, c in self.committed_shards(run, stage, step, fingerprint).items()}
+        """Shards of a step committed under `fingerprint` (and `inputs`), by index."""
+        return {
+            i: c.info
+            for i, c in self.committed_shards(run, stage, step, fingerprint, inputs).items()
+        }
 
     # -- manifests ---------------------------------------------------------------------------
 
@@ -294,18 +422,21 @@ class DatasetStore:
         record_type: type[ArrowRecord] | str,
         fingerprint: str,
         expected: range | list[int] | None = None,
+        inputs: Mapping[int, str] | None = None,
     ) -> tuple[Manifest, dict[int, dict[str, Any]]]:
-        """Write the manifest over the `expected` shard indices; returns it and per-shard stats."""
+        """Write the manifest over the `expected` shard indices; returns it and per-shard stats.
+
+        Only shards that pass the commit checks (fingerprint, `inputs`, content) are sealed.
+        """
         cls = _record_class(record_type)
         where = self.step_uri(run, *ref)
-        scanned = [s for s in self._scan_shards(run, *ref) if s.info.fingerprint == fingerprint]
-        by_index = {s.info.index: s for s in scanned}
+        by_index = self._verified_shards(run, StepRef(*ref), fingerprint, inputs)
         if expected is not None:
             missing = sorted(set(expected) - set(by_index))
             if missing:
                 raise StepIncompleteError(
-                    f"{where}: cannot write the manifest, shards {missing} are not complete "
-                    f"with fingerprint {fingerprint}"
+                    f"{where}: cannot write the manifest, shards {missing} are not committed "
+                    f"with fingerprint {fingerprint} and the current inputs"
                 )
             by_index = {i: s for i, s in by_index.items() if i in set(expected)}
         other_types = {s.record_type for s in by_index.values()} - {cls.__name__}
@@ -421,14 +552,28 @@ class DatasetStore:
         return table_to_records(self.read_table(run, stage, step, cls, fingerprint), cls)
 
     def read_shard_records(
-        self, run: str, stage: str, step: str, index: int, record_type: type[ArrowRecord] | str
+        self,
+        run: str,
+        stage: str,
+        step: str,
+        index: int,
+        record_type: type[ArrowRecord] | str,
+        sha256: str | None = None,
     ) -> list[ArrowRecord]:
-        """The records of one shard (e.g. shard i of the input step, to compute shard i)."""
+        """The records of one shard (e.g. shard i of the input step, to compute shard i).
+
+        With `sha256` (from the step's manifest) a shard changed since it was sealed is an error.
+        """
         cls = _record_class(record_type)
         shard = self._load_shard_file(run, stage, step, index)
         if shard is None:
             raise StorageError(
                 f"{self.shard_uri(run, stage, step, index)}: missing or not a complete shard"
+            )
+        if sha256 is not None and shard.info.sha256 != sha256:
+            raise StorageError(
+                f"{shard.info.path}: changed after the manifest was written; re-run the step "
+                f"that writes {stage}/{step} to recompute it"
             )
         return table_to_records(self._shard_table(shard, cls, self.step_uri(run, stage, step)), cls)
 

@@ -83,9 +83,11 @@ def merge_scored_task(io: StepIO, plan: RegenerationPlan, shard_size: int) -> St
     """
     store = open_store(io.storage_root)
     trees: list[RefinementTree] = []
-    new_fingerprint = None
+    new_scored = None
     if plan.new:
-        new_fingerprint = require_manifest(store, io.run, S.NEW_SCORED).fingerprint
+        manifest = require_manifest(store, io.run, S.NEW_SCORED)
+        # Content too: new trees re-scored under the same config must re-merge.
+        new_scored = [manifest.fingerprint, manifest.content_digest]
         trees += store.read_records(io.run, *S.NEW_SCORED, RefinementTree)
     if plan.previous:
         prompts = store.read_records(io.run, *S.SOURCE, PromptRecord)
@@ -99,7 +101,7 @@ def merge_scored_task(io: StepIO, plan: RegenerationPlan, shard_size: int) -> St
         io.run,
         io.target,
         RefinementTree,
-        {"step": "merged", "plan": plan.model_dump(mode="json"), "new": new_fingerprint},
+        {"step": "merged", "plan": plan.model_dump(mode="json"), "new": new_scored},
         shard_count=len(shards),
     )
     return execute_plan(step, lambda index, _: ShardOutput(shards[index]))

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Collection
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from avr_core.config import TreeConfig
@@ -407,6 +408,88 @@ def test_fingerprint_follows_the_config_and_the_upstream(store: DatasetStore) ->
     after = plan_target(store)
     assert after.fingerprint != base.fingerprint
     assert after.done == frozenset() and after.pending == [0, 1, 2]
+
+
+def rewrite_keeping_footer(path: Path, keep_rows: slice) -> None:
+    """Rewrite a shard as valid Parquet with the same footer metadata but other rows.
+
+    What a hand edit (or a buggy tool) does: the fingerprint in the footer still matches.
+    """
+    table = pq.read_table(path)
+    pq.write_table(table.slice(keep_rows.start, keep_rows.stop), path)
+    rewritten = pq.read_table(path).replace_schema_metadata(table.schema.metadata)
+    pq.write_table(rewritten, path)
+
+
+def test_a_shard_changed_after_sealing_is_recomputed_not_resealed(store: DatasetStore) -> None:
+    write_prompts(store, count=4, shard_size=2)
+    run_step(plan_target(store), EchoCompute())
+    path = Path(store.files.path(store.shard_uri(RUN, *TARGET, 0)))
+    rewrite_keeping_footer(path, slice(0, 1))
+
+    plan = plan_target(store)
+    assert plan.done == frozenset({1}) and plan.pending == [0]
+    compute = EchoCompute()
+    result = run_step(plan, compute)
+    assert compute.calls == [0]
+    assert result.rows == 4
+    assert len(store.read_records(RUN, *TARGET, SFTExample)) == 4
+
+
+def test_a_changed_shard_of_an_unsealed_step_fails_its_content_digest(
+    store: DatasetStore,
+) -> None:
+    write_prompts(store, count=4, shard_size=2)
+    run_shards(plan_target(store), EchoCompute())  # committed, never sealed: no manifest
+    rewrite_keeping_footer(Path(store.files.path(store.shard_uri(RUN, *TARGET, 1))), slice(1, 2))
+
+    plan = plan_target(store)
+    assert plan.pending == [1]
+    with pytest.raises(StepIncompleteError, match=r"shards \[1\]"):
+        seal_step(plan)
+    assert run_step(plan, EchoCompute()).rows == 4
+
+
+def test_a_recomputed_upstream_shard_re_derives_only_the_shards_that_read_it(
+    store: DatasetStore,
+) -> None:
+    write_prompts(store, count=6, shard_size=2)
+    run_step(plan_target(store), EchoCompute())
+
+    # Upstream shard 1 is recomputed with other rows under the same config (a sampled step
+    # re-run after a loss): its manifest now lists another sha256 for shard 1.
+    prompts_shard = Path(store.files.path(store.shard_uri(RUN, *PROMPTS, 1)))
+    prompts_shard.unlink()
+    other = [prompt(10), prompt(11)]
+    plan = plan_step(store, RUN, PROMPTS, PromptRecord, {"step": "prompts"}, shard_count=3)
+    run_step(plan, lambda index, _: ShardOutput(other))
+
+    downstream = plan_target(store)
+    assert downstream.pending == [1]
+    compute = EchoCompute()
+    run_step(downstream, compute)
+    assert compute.calls == [1]
+    ids = [r.prompt_id for r in store.read_records(RUN, *TARGET, SFTExample)]
+    assert ids == ["p0", "p1", "p10", "p11", "p4", "p5"]
+
+
+def test_a_source_shard_changed_after_planning_fails_that_shard(store: DatasetStore) -> None:
+    write_prompts(store, count=4, shard_size=2)
+    plan = plan_target(store)
+    rewrite_keeping_footer(Path(store.files.path(store.shard_uri(RUN, *PROMPTS, 0))), slice(0, 1))
+    ran = run_shards(plan, EchoCompute())
+    assert ran.computed == [1]
+    assert "changed after the manifest was written" in ran.failed[0]
+
+
+def test_an_unreadable_manifest_does_not_block_a_re_run(store: DatasetStore) -> None:
+    write_prompts(store, count=4, shard_size=2)
+    run_step(plan_target(store), EchoCompute())
+    manifest = Path(store.files.path(store.step_uri(RUN, *TARGET))) / "_manifest.json"
+    manifest.write_text("{ edited by hand")
+    plan = plan_target(store)
+    assert plan.pending == []  # every shard's own digest still checks out
+    assert seal_step(plan).rows == 4
 
 
 # ---- several sources -----------------------------------------------------------------------------
