@@ -14,16 +14,18 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
 from avr_core.models import TINY_MODEL
 from avr_core.schemas import Sampling
 
 __all__ = [
+    "DEFAULT_MAX_PROMPT_CHARS",
     "DPO_LOSS_TYPES",
     "ExecutionConfig",
     "IngestConfig",
     "ModelSpec",
+    "NonBlank",
     "OpenAIModel",
     "RulesModel",
     "Sampling",
@@ -51,8 +53,18 @@ _PATH_DESCRIPTION = (
 _DTYPE = Literal["auto", "float32", "bfloat16", "float16"]
 
 
+def _not_blank(value: str) -> str:
+    """A path or name must say something: an empty path would resolve to the current directory."""
+    if not value.strip():
+        raise ValueError("must not be empty or only whitespace")
+    return value
+
+
+NonBlank = Annotated[str, AfterValidator(_not_blank)]
+
+
 class _LocalModel(_Strict):
-    path: str = Field(TINY_MODEL, min_length=1, description=_PATH_DESCRIPTION)
+    path: NonBlank = Field(TINY_MODEL, min_length=1, description=_PATH_DESCRIPTION)
     dtype: _DTYPE = Field("auto", description="weights precision; auto = the checkpoint's choice")
 
     @property
@@ -77,8 +89,8 @@ class OpenAIModel(_Strict):
     """A model served elsewhere behind an OpenAI-compatible API (e.g. `vllm serve`)."""
 
     backend: Literal["openai"] = "openai"
-    path: str = Field(min_length=1, description="the served model name")
-    base_url: str = Field(
+    path: NonBlank = Field(min_length=1, description="the served model name")
+    base_url: NonBlank = Field(
         min_length=1, description="OpenAI-compatible server, e.g. http://host:8000/v1"
     )
 
@@ -124,6 +136,12 @@ def weights_path(spec: ModelSpec, field: str = "model") -> str:
 # ---- sections ----------------------------------------------------------------------------------
 
 
+# ~4 characters per token of English: the whole 8192-token context of the bundled tiny model, and
+# far above the prompts of instruction sets (UltraFeedback, Alpaca: a few hundred characters). It
+# needs no tokenizer, so it also guards flows that do not know the policy's.
+DEFAULT_MAX_PROMPT_CHARS = 32_000
+
+
 class IngestConfig(_Strict):
     """Which prompts go in, and how they are checked and sharded."""
 
@@ -137,6 +155,20 @@ class IngestConfig(_Strict):
     )
     max_prompts: int | None = Field(None, ge=1, description="use only the first N prompts")
     shard_size: int = Field(8, ge=1, description="prompts per shard (the unit of checkpointing)")
+    max_prompt_chars: int | None = Field(
+        DEFAULT_MAX_PROMPT_CHARS,
+        ge=1,
+        description="a prompt with more characters (all turns together) is a bad row; the default "
+        "(~8k tokens of English, the bundled model's whole context) stops pasted documents and "
+        "blobs, not real prompts; raise it for long-context policies; null = no limit",
+    )
+    max_prompt_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="a prompt with more tokens (through the policy's chat template) is a bad "
+        "row; null = the policy's context minus room for the tree's three generations and the "
+        "templates, when the flow knows the policy's tokenizer (else no token limit)",
+    )
 
 
 class TreeConfig(_Strict):
@@ -221,7 +253,9 @@ class TrainingConfig(_Strict):
 
     learning_rate: float = Field(5e-6, gt=0, description="peak learning rate")
     num_train_epochs: float = Field(1.0, gt=0, description="passes over the dataset")
-    max_steps: int = Field(-1, description="optimizer steps; overrides epochs when > 0")
+    max_steps: int = Field(
+        -1, ge=-1, description="optimizer steps; overrides epochs when > 0 (-1: train by epochs)"
+    )
     per_device_train_batch_size: int = Field(2, ge=1, description="examples per device per step")
     gradient_accumulation_steps: int = Field(
         1, ge=1, description="micro-batches accumulated into one optimizer step"
@@ -244,8 +278,9 @@ class TrainingConfig(_Strict):
         default_factory=dict, description="passed through to TRL's SFTConfig/DPOConfig unchanged"
     )
 
-    @model_validator(mode="after")
-    def _steps_or_epochs(self) -> TrainingConfig:
-        if self.max_steps == 0 or self.max_steps < -1:
-            raise ValueError(f"max_steps must be -1 (use epochs) or > 0, got {self.max_steps}")
-        return self
+    @field_validator("max_steps")
+    @classmethod
+    def _steps_or_epochs(cls, value: int) -> int:
+        if value == 0 or value < -1:
+            raise ValueError(f"max_steps must be -1 (train by epochs) or > 0, got {value}")
+        return value

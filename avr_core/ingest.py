@@ -12,15 +12,31 @@ kept in `PromptRecord.source` as `source#id` so a prompt can be traced back to i
 
 A bad row raises `BadRowError` naming the file, the 0-based row (for JSON lines: the 0-based line
 number) and the field. With `on_bad_row="skip"` bad rows go to a rejects JSON-lines file instead,
-each with its reason, and every valid row is kept.
+each with its reason, and every valid row is kept. Bad rows include:
+- JSON lines that are not UTF-8: each line is read as bytes and decoded on its own, so one bad line
+  is one bad row (field `<line>`, the reason gives the byte offset of the bad bytes in the file,
+  after decompression) and the other rows are kept. A file with NUL bytes in its first 8 KiB is
+  binary (or UTF-16), not JSON lines: that fails the whole file, naming it, in either mode.
+- text that UTF-8 cannot hold: a lone surrogate, written in JSON as an escape like `\\ud800`.
+- prompts over the size limits: `max_prompt_chars` (all turns' contents together) and
+  `max_prompt_tokens` (the conversation through the policy's chat template, counted by a
+  caller-supplied `count_tokens`), so an oversized prompt is named here, not an out-of-memory
+  error in the engine later. `prompt_token_limit` derives the default token limit from the
+  policy's context length and the tree's `max_tokens`.
+
+`is_retryable_ingest_error` tells transient I/O failures (worth a retry) from input errors (a
+retry reads the same bad input again).
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
+import lzma
 import posixpath
-from collections.abc import Iterator, Mapping, Sequence
+import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,21 +47,37 @@ from pydantic import BaseModel
 from avr_core.constraints import validate_constraint
 from avr_core.fingerprint import short_hash
 from avr_core.schemas import Constraint, Conversation, Message, PromptRecord
+from avr_core.steps import ShardsFailedError
 
 __all__ = [
+    "TEMPLATE_RESERVE_TOKENS",
     "BadRowError",
     "IngestResult",
+    "TokenCounter",
     "bundled_prompts_path",
+    "is_retryable_ingest_error",
+    "load_chat_token_counter",
+    "model_context_length",
     "prompt_id_for",
+    "prompt_token_limit",
     "read_prompts",
     "source_sha256",
 ]
+
+# Counts the tokens of a conversation ([{role, content}, ...]) as the policy will read it.
+TokenCounter = Callable[[list[dict[str, str]]], int]
 
 ROLES = ("system", "user", "assistant")
 JSON_LINES_SUFFIXES = (".jsonl", ".ndjson", ".json")
 COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst")
 # Files `save_to_disk` writes: a Dataset has state.json, a DatasetDict dataset_dict.json.
 SAVED_DATASET_MARKERS = ("state.json", "dataset_dict.json")
+# JSON text never holds a raw NUL byte; NULs at the start of a file mean binary (or UTF-16) data.
+SNIFF_BYTES = 8192
+# What a refinement tree adds to a prompt besides its three generations of `max_tokens` (answer,
+# critique, refinement): the judge and refine requests with their chat-template framing, about
+# 300 tokens with the bundled templates; the rest is headroom for longer custom templates.
+TEMPLATE_RESERVE_TOKENS = 512
 
 
 class BadRowError(ValueError):
@@ -106,11 +138,86 @@ def bundled_prompts_path() -> str:
     return str(Path(__file__).parent / "data" / "demo_prompts.jsonl")
 
 
+def is_retryable_ingest_error(error: BaseException) -> bool:
+    """True for a transient I/O failure of an ingest (storage or network); False for bad input.
+
+    A missing, unreadable or malformed source fails the same way on every attempt, so only
+    OSErrors that are not about the path itself are worth a retry, plus `ShardsFailedError`
+    (ingest computes nothing that can fail: its shards fail only when writing to storage).
+    """
+    if isinstance(error, ShardsFailedError):
+        return True
+    path_errors = FileNotFoundError | IsADirectoryError | NotADirectoryError | PermissionError
+    if isinstance(error, path_errors | gzip.BadGzipFile | UnicodeError | ValueError):
+        return False
+    return isinstance(error, OSError)  # ConnectionError and TimeoutError are OSErrors
+
+
+def prompt_token_limit(context_length: int, max_new_tokens: int) -> int:
+    """The longest prompt (in tokens) whose refinement tree fits in the policy's context.
+
+    The refine request carries the prompt, the answer and the critique (up to `max_new_tokens`
+    each) and the judge and refine requests, and then generates up to `max_new_tokens` more.
+    """
+    limit = context_length - 3 * max_new_tokens - TEMPLATE_RESERVE_TOKENS
+    if limit < 1:
+        raise ValueError(
+            f"a context of {context_length} tokens leaves no room for a prompt when each "
+            f"generation may take {max_new_tokens} tokens (3 per refinement + "
+            f"{TEMPLATE_RESERVE_TOKENS} for the templates): lower tree.sampling.max_tokens"
+        )
+    return limit
+
+
+def model_context_length(model_dir: Path) -> int | None:
+    """The context length a model's config.json declares, or None when it names none."""
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        return None
+    config = json.loads(config_file.read_text())
+    config = config.get("text_config") or config  # multimodal models nest the language model
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = config.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def load_chat_token_counter(model_dir: Path) -> TokenCounter:
+    """Token counts of conversations through the model's chat template (the tokenizer only).
+
+    Counts as the engines feed the policy: the chat template with the generation prompt, and no
+    special tokens added twice.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.chat_template is None:
+        raise ValueError(f"the tokenizer in {model_dir} has no chat template")
+
+    def count_tokens(messages: list[dict[str, str]]) -> int:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    return count_tokens
+
+
 # ---------------------------------------------------------------- row validation
 
 
 def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
+
+
+def _check_text(value: str, field: str) -> None:
+    """Text must be storable as UTF-8: JSON can escape a lone surrogate, UTF-8 cannot hold one."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise _RowProblem(
+            field,
+            f"not valid Unicode: lone surrogate {value[err.start]!r} at character {err.start}",
+        ) from None
 
 
 def _check_conversation(value: Any, field: str) -> Conversation:
@@ -137,6 +244,7 @@ def _check_conversation(value: Any, field: str) -> Conversation:
             raise _RowProblem(f"{where}.content", f"must be a string, got {_type_name(content)}")
         if not content.strip():
             raise _RowProblem(f"{where}.content", "is empty")
+        _check_text(content, f"{where}.content")
         messages.append(Message(role=role, content=content))
     first = 1 if messages[0].role == "system" else 0
     for offset, message in enumerate(messages[first:]):
@@ -165,7 +273,41 @@ def _conversation_of(row: Mapping[str, Any]) -> Conversation:
         raise _RowProblem("prompt", f"must be a string, got {_type_name(prompt)}")
     if not prompt.strip():
         raise _RowProblem("prompt", "is empty")
+    _check_text(prompt, "prompt")
     return [Message(role="user", content=prompt)]
+
+
+def _conversation_field(row: Mapping[str, Any]) -> str:
+    """The column the row's conversation came from, to name in a problem with it as a whole."""
+    return "messages" if row.get("messages") is not None else "prompt"
+
+
+def _check_size(
+    messages: Conversation,
+    field: str,
+    max_chars: int | None,
+    max_tokens: int | None,
+    count_tokens: TokenCounter | None,
+) -> None:
+    """An oversized prompt is a bad row here rather than an out-of-memory error in an engine."""
+    if max_chars is not None:
+        chars = sum(len(m.content) for m in messages)
+        if chars > max_chars:
+            raise _RowProblem(
+                field, f"too long: {chars} characters, more than max_prompt_chars={max_chars}"
+            )
+    if max_tokens is None or count_tokens is None:
+        return
+    try:
+        tokens = count_tokens([{"role": m.role, "content": m.content} for m in messages])
+    except Exception as err:  # noqa: BLE001 - e.g. a chat template that refuses a system turn
+        raise _RowProblem(field, f"the policy's chat template cannot render it: {err}") from err
+    if tokens > max_tokens:
+        raise _RowProblem(
+            field,
+            f"too long: {tokens} tokens with the policy's chat template, more than the limit "
+            f"of {max_tokens}",
+        )
 
 
 def _constraints_of(row: Mapping[str, Any]) -> list[Constraint]:
@@ -199,12 +341,16 @@ def _source_of(row: Mapping[str, Any], default: str) -> str:
     source = row.get("source")
     if source is not None and not isinstance(source, str):
         raise _RowProblem("source", f"must be a string, got {_type_name(source)}")
+    if source is not None:
+        _check_text(source, "source")
     source = source or default
     row_id = row.get("id")
     if row_id is None:
         return source
     if not isinstance(row_id, str | int) or isinstance(row_id, bool):
         raise _RowProblem("id", f"must be a string or an integer, got {_type_name(row_id)}")
+    if isinstance(row_id, str):
+        _check_text(row_id, "id")
     return f"{source}#{row_id}"
 
 
@@ -246,24 +392,66 @@ def _format_of(source: str, fs: fsspec.AbstractFileSystem, path: str) -> str:
     )
 
 
+def _decode_line(raw: bytes, number: int, start: int, compressed: bool) -> str | _RowProblem:
+    """One line as text, or the problem naming the byte offset of its first bad byte."""
+    try:
+        # A byte-order mark may open the file (Windows editors write one); it is not JSON.
+        return raw.decode("utf-8-sig" if number == 0 else "utf-8")
+    except UnicodeDecodeError as err:
+        bad = raw[err.start : err.end]
+        where = "of the decompressed file" if compressed else "of the file"
+        return _RowProblem(
+            "<line>",
+            f"not valid UTF-8: byte(s) {bad.hex(' ')} at byte offset {start + err.start} {where} "
+            "(JSON lines must be UTF-8; was the file saved in another encoding?)",
+            raw.decode("utf-8", errors="backslashreplace").rstrip("\r\n"),
+        )
+
+
+def _byte_lines(source: str, options: dict[str, Any]) -> Iterator[tuple[int, int, bytes]]:
+    """(line number, byte offset, bytes) of every line, decompressed; binary files fail whole."""
+    try:
+        with fsspec.open(source, "rb", compression="infer", **options) as handle:
+            offset = 0
+            for number, raw in enumerate(handle):
+                if offset < SNIFF_BYTES and b"\0" in raw:
+                    raise ValueError(
+                        f"{source}: not a UTF-8 JSON-lines text file: a NUL byte at byte offset "
+                        f"{offset + raw.index(0)} (a binary or UTF-16 file, or compressed "
+                        f"without a {'/'.join(COMPRESSION_SUFFIXES)} suffix?)"
+                    )
+                yield number, offset, raw
+                offset += len(raw)
+    except (gzip.BadGzipFile, EOFError, zlib.error, lzma.LZMAError) as err:
+        # A corrupt or truncated archive is a bad file, not a storage hiccup worth a retry.
+        raise ValueError(f"{source}: cannot decompress: {err}") from err
+
+
 def _json_lines_rows(source: str, options: dict[str, Any]) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed object or _RowProblem) for every non-blank line."""
-    with fsspec.open(source, "rt", encoding="utf-8", compression="infer", **options) as handle:
-        for number, line in enumerate(handle):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                yield number, _RowProblem("<line>", f"not valid JSON ({err})", line.rstrip("\n"))
-                continue
-            if not isinstance(row, dict):
-                yield (
-                    number,
-                    _RowProblem("<line>", f"must be a JSON object, got {_type_name(row)}", row),
-                )
-                continue
-            yield number, row
+    """(line number, parsed object or _RowProblem) for every non-blank line.
+
+    Lines are read as bytes and decoded one by one, so a line that is not UTF-8 is one bad row.
+    """
+    compressed = source.lower().endswith(COMPRESSION_SUFFIXES)
+    for number, start, raw in _byte_lines(source, options):
+        if not raw.strip():
+            continue
+        line = _decode_line(raw, number, start, compressed)
+        if isinstance(line, _RowProblem):
+            yield number, line
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            yield number, _RowProblem("<line>", f"not valid JSON ({err})", line.rstrip("\r\n"))
+            continue
+        if not isinstance(row, dict):
+            yield (
+                number,
+                _RowProblem("<line>", f"must be a JSON object, got {_type_name(row)}", row),
+            )
+            continue
+        yield number, row
 
 
 def _require_prompt_column(source: str, columns: Sequence[str]) -> None:
@@ -310,7 +498,8 @@ def _write_rejects(path: str, rejects: list[dict[str, Any]], options: dict[str, 
     parent = posixpath.dirname(fs_path)
     if parent:
         fs.makedirs(parent, exist_ok=True)
-    fs.pipe_file(fs_path, text.encode("utf-8"))
+    # A rejected lone surrogate goes out as its JSON escape (\ud800), which UTF-8 can hold.
+    fs.pipe_file(fs_path, text.encode("utf-8", errors="backslashreplace"))
 
 
 def read_prompts(
@@ -318,14 +507,22 @@ def read_prompts(
     on_bad_row: Literal["error", "skip"] = "error",
     rejects_path: str | None = None,
     storage_options: dict[str, Any] | None = None,
+    *,
+    max_prompt_chars: int | None = None,
+    max_prompt_tokens: int | None = None,
+    count_tokens: TokenCounter | None = None,
 ) -> IngestResult:
     """Read, validate and de-duplicate a prompt set (first occurrence of a conversation wins).
 
     With on_bad_row="skip", bad rows are written to `rejects_path` (default
     `<source>.rejects.jsonl`) with their reasons; the file is written only if a row was rejected.
+    A prompt longer than `max_prompt_chars` characters (all turns), or than `max_prompt_tokens`
+    as counted by `count_tokens` (required with it), is a bad row.
     """
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+    if max_prompt_tokens is not None and count_tokens is None:
+        raise ValueError("max_prompt_tokens needs count_tokens (the policy's tokenizer)")
     options = dict(storage_options or {})
     default_source = posixpath.basename(source.rstrip("/"))
     prompts: list[PromptRecord] = []
@@ -337,6 +534,13 @@ def read_prompts(
             if isinstance(row, _RowProblem):
                 raise row
             record = parse_prompt_row(row, default_source)
+            _check_size(
+                record.messages,
+                _conversation_field(row),
+                max_prompt_chars,
+                max_prompt_tokens,
+                count_tokens,
+            )
         except _RowProblem as problem:
             if on_bad_row == "error":
                 raise BadRowError(source, number, problem.field, problem.reason) from None

@@ -7,7 +7,9 @@ them (the task process never needs them; the trainer child does).
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+import difflib
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal
 
 from avr_core.config import TrainingConfig
 
@@ -15,7 +17,7 @@ if TYPE_CHECKING:
     import peft
     import trl
 
-__all__ = ["to_dpo_config", "to_lora_config", "to_sft_config"]
+__all__ = ["check_extra_keys", "to_dpo_config", "to_lora_config", "to_sft_config"]
 
 # TrainingConfig fields the adapter maps itself: setting them in `extra` too would be ambiguous.
 _MAPPED_FIELDS = {
@@ -64,19 +66,50 @@ def _common_args(cfg: TrainingConfig, output_dir: str, use_cpu: bool) -> dict[st
     }
 
 
-def _apply_extra(args: dict[str, Any], extra: dict[str, Any], config_cls: type) -> dict[str, Any]:
-    """Overlay `extra` on the mapped arguments, refusing keys TRL's config does not have."""
-    known = {f.name for f in dataclasses.fields(config_cls) if f.init}
+def _trl_config_class(trainer: Literal["sft", "dpo"]) -> type:
+    """trl.SFTConfig or trl.DPOConfig (importing trl takes seconds: torch and transformers)."""
+    import trl
+
+    config_cls: type = trl.SFTConfig if trainer == "sft" else trl.DPOConfig
+    return config_cls
+
+
+def _refuse_mapped(extra: Mapping[str, Any]) -> None:
     for key in extra:
-        if key not in known:
-            raise ValueError(
-                f"TrainingConfig.extra key {key!r} is not a field of trl.{config_cls.__name__}"
-            )
         if key in _MAPPED_FIELDS:
             raise ValueError(
                 f"TrainingConfig.extra key {key!r} is set by the adapter: "
                 "use the TrainingConfig field of that name instead"
             )
+
+
+def _check_extra(extra: Mapping[str, Any], config_cls: type) -> None:
+    """Refuse `extra` keys that the adapter sets itself or that TRL's config does not have."""
+    _refuse_mapped(extra)
+    known = {f.name for f in dataclasses.fields(config_cls) if f.init}
+    for key in extra:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=3)
+            hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+            raise ValueError(
+                f"TrainingConfig.extra key {key!r} is not a field of trl.{config_cls.__name__}{hint}"
+            )
+
+
+def check_extra_keys(extra: Mapping[str, Any], trainer: Literal["sft", "dpo"]) -> None:
+    """Pre-flight check of the pass-through keys for `trainer`'s TRL config, naming a bad key.
+
+    Keys the adapter sets are refused without TRL; the others are checked against the fields of
+    trl.SFTConfig / trl.DPOConfig, importing trl only when there is something to check.
+    """
+    _refuse_mapped(extra)
+    if extra:
+        _check_extra(extra, _trl_config_class(trainer))
+
+
+def _apply_extra(args: dict[str, Any], extra: dict[str, Any], config_cls: type) -> dict[str, Any]:
+    """Overlay `extra` on the mapped arguments, refusing keys TRL's config does not have."""
+    _check_extra(extra, config_cls)
     return {**args, **extra}
 
 

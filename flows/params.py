@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Annotated
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from avr_core.config import (
     ExecutionConfig,
     IngestConfig,
     ModelSpec,
+    NonBlank,
+    OpenAIModel,
     RulesModel,
     SelectionConfig,
     TrainingConfig,
@@ -29,6 +31,7 @@ from avr_core.config import (
 )
 from avr_core.layout import StepRef
 from avr_core.steps import Stage1Steps, StepIO
+from avr_core.trl_config import check_extra_keys
 
 __all__ = [
     "BuildPairsParams",
@@ -85,6 +88,23 @@ def _trainable(spec: ModelSpec) -> ModelSpec:
 TrainablePolicy = Annotated[ModelSpec, AfterValidator(_trainable)]
 
 
+def _sft_extra(cfg: TrainingConfig) -> TrainingConfig:
+    check_extra_keys(cfg.extra, "sft")
+    return cfg
+
+
+def _dpo_extra(cfg: TrainingConfig) -> TrainingConfig:
+    check_extra_keys(cfg.extra, "dpo")
+    return cfg
+
+
+# The pass-through keys are checked against TRL's own config here, before anything runs, not in
+# the trainer child after generation. Only a non-empty `extra` imports trl (seconds), which is why
+# the check lives with the flow parameters and not in TrainingConfig (built in every process).
+SFTTraining = Annotated[TrainingConfig, AfterValidator(_sft_extra)]
+DPOTraining = Annotated[TrainingConfig, AfterValidator(_dpo_extra)]
+
+
 class RunParams(BaseModel):
     """What every flow needs: which run, and where its data lives."""
 
@@ -133,6 +153,17 @@ class Stage1DataParams(RunParams):
     )
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig, description=_EXECUTION)
 
+    @model_validator(mode="after")
+    def _token_limit_has_a_tokenizer(self) -> Stage1DataParams:
+        if self.ingest.max_prompt_tokens is not None and isinstance(
+            self.policy, OpenAIModel | RulesModel
+        ):
+            raise ValueError(
+                "ingest.max_prompt_tokens counts tokens with the policy's tokenizer, and the "
+                f"{self.policy.backend} policy has none here: use ingest.max_prompt_chars"
+            )
+        return self
+
 
 class Stage1Params(Stage1DataParams):
     """The whole of Stage I: trees -> scores -> RSFT -> SFT -> trees -> scores -> DPO pairs -> DPO.
@@ -143,8 +174,8 @@ class Stage1Params(Stage1DataParams):
     policy: TrainablePolicy = Field(
         default_factory=TransformersModel, description="seed policy (trained by SFT, then DPO)"
     )
-    sft: TrainingConfig = Field(default_factory=_demo_sft, description="RSFT training")
-    dpo: TrainingConfig = Field(default_factory=_demo_dpo, description="DPO training")
+    sft: SFTTraining = Field(default_factory=_demo_sft, description="RSFT training")
+    dpo: DPOTraining = Field(default_factory=_demo_dpo, description="DPO training")
 
 
 # ---- the steps, each runnable as its own flow on data already in storage ------------------
@@ -154,6 +185,16 @@ class IngestParams(RunParams):
     """Read, validate and shard a prompt set into the run's inputs/prompts step."""
 
     ingest: IngestConfig = Field(default_factory=IngestConfig, description="the prompt set")
+
+    @field_validator("ingest")
+    @classmethod
+    def _no_token_limit(cls, value: IngestConfig) -> IngestConfig:
+        if value.max_prompt_tokens is not None:
+            raise ValueError(
+                "max_prompt_tokens needs the policy's tokenizer, which ingest-prompts does not "
+                "have: use max_prompt_chars here, or set it for stage1 or regenerate"
+            )
+        return value
 
 
 class GenerateTreesParams(RunParams):
@@ -204,7 +245,7 @@ class TrainSFTParams(RunParams):
         default_factory=TransformersModel,
         description="the model to fine-tune (its path is the base model)",
     )
-    sft: TrainingConfig = Field(default_factory=_demo_sft, description="training settings")
+    sft: SFTTraining = Field(default_factory=_demo_sft, description="training settings")
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig, description=_EXECUTION)
     dataset: StepRef = Field(Stage1Steps.RSFT, description="(stage, step) of the SFT examples")
     train_step: str = Field(Stage1Steps.TRAIN_SFT.step, description="name under checkpoints/")
@@ -213,8 +254,8 @@ class TrainSFTParams(RunParams):
 class TrainDPOParams(RunParams):
     """DPO on a PreferencePair step (by default the run's pairs, from the run's SFT model)."""
 
-    dpo: TrainingConfig = Field(default_factory=_demo_dpo, description="training settings")
-    base_model: str | None = Field(
+    dpo: DPOTraining = Field(default_factory=_demo_dpo, description="training settings")
+    base_model: NonBlank | None = Field(
         None,
         description="model to train: bundled name, directory or storage URI (default: this "
         "run's SFT model, checkpoints/stage1_sft/final)",

@@ -71,11 +71,11 @@ def test_sections_lists_and_free_form_values_are_yaml() -> None:
         Stage1Params,
         {},
         ["policy={backend: vllm, path: m}", "dpo.loss_type=[sigmoid, sft]",
-         "sft.extra.warmup_ratio=0.1"],
+         "sft.extra.warmup_steps=0.1"],
     )  # fmt: skip
     assert params.policy.backend == "vllm" and params.policy.path == "m"
     assert params.dpo.loss_type == ["sigmoid", "sft"]
-    assert params.sft.extra == {"warmup_ratio": 0.1}, "free-form values keep their YAML type"
+    assert params.sft.extra == {"warmup_steps": 0.1}, "free-form values keep their YAML type"
     params = build_params(GenerateTreesParams, {}, ["source=[inputs, today]"])
     assert tuple(params.source) == ("inputs", "today")
 

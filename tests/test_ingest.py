@@ -17,11 +17,13 @@ import s3fs
 from avr_core.ingest import (
     BadRowError,
     bundled_prompts_path,
+    is_retryable_ingest_error,
     prompt_id_for,
     read_prompts,
     source_sha256,
 )
 from avr_core.schemas import Constraint, Message, PromptRecord, records_to_table
+from avr_core.steps import ShardsFailedError
 from tests.fixtures_s3 import S3Location
 
 SYSTEM = {"role": "system", "content": "You are terse."}
@@ -338,3 +340,169 @@ def test_source_sha256_on_s3(s3_location: S3Location, tmp_path: Path) -> None:
     uri = f"{s3_location.root}/in/p.jsonl"
     fs.put_file(str(local), uri)
     assert source_sha256(uri, s3_location.storage_options) == source_sha256(str(local))
+
+
+# ---- bytes that are not UTF-8 text ----------------------------------------------------------
+
+
+def _latin1_line_file(path: Path, compress: bool) -> tuple[str, int]:
+    """Two good rows, a Latin-1 line at row 2, a good row; and the offset of the bad byte."""
+    good = [json.dumps(r).encode() + b"\n" for r in GOOD_ROWS]
+    bad = '{"prompt": "caf\xe9 au lait"}\n'.encode("latin-1")
+    data = b"".join([*good, bad, b'{"prompt": "last"}\n'])
+    offset = sum(map(len, good)) + bad.index(b"\xe9")
+    if compress:
+        path = path.with_name(path.name + ".gz")
+        path.write_bytes(gzip.compress(data))
+    else:
+        path.write_bytes(data)
+    return str(path), offset
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["jsonl", "jsonl.gz"])
+def test_a_line_that_is_not_utf8_is_a_bad_row(compress: bool, tmp_path: Path) -> None:
+    source, offset = _latin1_line_file(tmp_path / "latin.jsonl", compress)
+    with pytest.raises(BadRowError) as err:
+        read_prompts(source)
+    assert (err.value.file, err.value.row, err.value.field) == (source, 2, "<line>")
+    message = str(err.value)
+    assert source in message and "row 2" in message and "not valid UTF-8" in message
+    assert f"byte offset {offset} " in message and "e9" in message
+
+    result = read_prompts(source, on_bad_row="skip")
+    assert [p.messages[-1].content for p in result.prompts] == [
+        "Name three rivers.",
+        "And times 3?",
+        "last",
+    ]
+    (reject,) = [json.loads(x) for x in Path(result.rejects_path or "").read_text().splitlines()]
+    assert (reject["row"], reject["field"], reject["file"]) == (2, "<line>", source)
+    assert f"byte offset {offset}" in reject["reason"]
+    assert reject["data"] == '{"prompt": "caf\\xe9 au lait"}'  # the bytes, readable
+
+
+def test_a_binary_file_fails_naming_the_file(tmp_path: Path) -> None:
+    # A gzip file without its suffix: binary from its header on (NUL bytes among the first).
+    source = tmp_path / "packed.jsonl"
+    source.write_bytes(gzip.compress(b'{"prompt": "hi"}\n' * 50))
+    for mode in ("error", "skip"):
+        with pytest.raises(ValueError, match=r"packed\.jsonl: not a UTF-8 JSON-lines text file"):
+            read_prompts(str(source), on_bad_row=mode)  # type: ignore[arg-type]
+    utf16 = tmp_path / "utf16.jsonl"
+    utf16.write_bytes('{"prompt": "hi"}\n'.encode("utf-16"))
+    with pytest.raises(ValueError, match=r"utf16\.jsonl: .*NUL byte at byte offset 3 "):
+        read_prompts(str(utf16), on_bad_row="skip")
+
+
+def test_a_file_in_another_encoding_rejects_every_line(tmp_path: Path) -> None:
+    path = tmp_path / "cp1252.jsonl"
+    path.write_bytes(
+        "".join(f'{{"prompt": "r\xe9sum\xe9 {i}"}}\n' for i in range(3)).encode("cp1252")
+    )
+    result = read_prompts(str(path), on_bad_row="skip")
+    assert result.prompts == [] and result.rejects == 3
+
+
+def test_a_byte_order_mark_is_not_a_bad_row(tmp_path: Path) -> None:
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "first"}\r\n{"prompt": "second"}\r\n')
+    result = read_prompts(str(path))
+    assert [p.messages[0].content for p in result.prompts] == ["first", "second"]
+
+
+def test_a_lone_surrogate_is_a_bad_row(tmp_path: Path) -> None:
+    path = tmp_path / "surrogate.jsonl"
+    path.write_text('{"prompt": "ok"}\n{"prompt": "half an emoji \\ud83d"}\n')
+    with pytest.raises(BadRowError, match=r"row 1: field 'prompt': not valid Unicode"):
+        read_prompts(str(path))
+    result = read_prompts(str(path), on_bad_row="skip")
+    assert [p.messages[0].content for p in result.prompts] == ["ok"]
+    reject = json.loads(Path(result.rejects_path or "").read_text())
+    assert reject["data"] == {"prompt": "half an emoji \ud83d"}
+
+
+def test_a_corrupt_archive_fails_as_bad_input(tmp_path: Path) -> None:
+    path = tmp_path / "cut.jsonl.gz"
+    path.write_bytes(gzip.compress(b'{"prompt": "hi"}\n' * 1000)[:60])
+    with pytest.raises(ValueError, match=r"cut\.jsonl\.gz: cannot decompress") as err:
+        read_prompts(str(path))
+    assert not is_retryable_ingest_error(err.value)
+
+
+# ---- which failures the ingest task retries ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("error", "retry"),
+    [
+        (ConnectionResetError("peer reset"), True),
+        (TimeoutError("read timed out"), True),
+        (OSError("503 Slow Down"), True),
+        (ShardsFailedError("1 of 2 shards failed: shard 0: OSError"), True),
+        (BadRowError("p.jsonl", 2, "<line>", "not valid UTF-8"), False),
+        (ValueError("p.csv: unsupported prompt file type"), False),
+        (FileNotFoundError("p.jsonl: no such prompt file"), False),
+        (IsADirectoryError("p.jsonl"), False),
+        (PermissionError("p.jsonl"), False),
+        (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), False),
+        (gzip.BadGzipFile("Not a gzipped file"), False),
+        (RuntimeError("a bug"), False),
+    ],
+    ids=lambda value: type(value).__name__ if isinstance(value, BaseException) else str(value),
+)
+def test_only_transient_io_errors_are_retryable(error: BaseException, retry: bool) -> None:
+    assert is_retryable_ingest_error(error) is retry
+
+
+@pytest.mark.slow  # starts a Prefect API server
+def test_ingest_task_retries_storage_errors_but_not_bad_input(
+    prefect_harness: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prefect import flow
+
+    import tasks.prompts
+    from avr_core.config import IngestConfig
+    from avr_core.steps import Stage1Steps, StepIO
+
+    calls: list[str] = []
+    flaky = {str(tmp_path / "good.jsonl")}  # fails once, as storage can
+
+    def read_prompts_counted(source: str, *args: Any, **kwargs: Any) -> Any:
+        calls.append(Path(source).name)
+        if source in flaky:
+            flaky.discard(source)
+            raise ConnectionResetError("connection reset by peer")
+        return read_prompts(source, *args, **kwargs)
+
+    monkeypatch.setattr(tasks.prompts, "read_prompts", read_prompts_counted)
+    ingest_now = tasks.prompts.ingest_prompts_task.with_options(retry_delay_seconds=0)
+    latin1, _ = _latin1_line_file(tmp_path / "latin.jsonl", compress=False)
+    cp1252 = tmp_path / "cp1252.jsonl"
+    cp1252.write_bytes('{"prompt": "r\xe9sum\xe9"}\n'.encode("cp1252"))
+    write_jsonl(tmp_path / "good.jsonl", GOOD_ROWS)
+    root = f"file://{tmp_path}/store"
+
+    @flow
+    def ingest_each(sources: list[str], on_bad_row: str) -> list[str]:
+        outcomes = []
+        for i, source in enumerate(sources):
+            io = StepIO(storage_root=root, run=f"r{i}", target=Stage1Steps.PROMPTS)
+            config = IngestConfig(prompts=source, on_bad_row=on_bad_row)  # type: ignore[arg-type]
+            try:
+                outcomes.append(f"{ingest_now(io, config).rows} rows")
+            except Exception as err:  # noqa: BLE001 - the outcome is what the test checks
+                outcomes.append(f"{type(err).__name__}: {err}")
+        return outcomes
+
+    missing = str(tmp_path / "missing.jsonl")
+    outcomes = ingest_each([latin1, missing, str(tmp_path / "good.jsonl")], "error")
+    assert outcomes[0].startswith("BadRowError") and "byte offset" in outcomes[0]
+    assert outcomes[1].startswith("FileNotFoundError")
+    assert outcomes[2] == "2 rows"
+    # One attempt per bad source; the storage error was retried once, then the task succeeded.
+    assert calls == ["latin.jsonl", "missing.jsonl", "good.jsonl", "good.jsonl"]
+
+    calls.clear()
+    (outcome,) = ingest_each([str(cp1252)], "skip")
+    assert outcome.startswith(f"ValueError: {cp1252}: no usable prompts (1 rejected, reasons in")
+    assert calls == ["cp1252.jsonl"]
