@@ -7,6 +7,10 @@
     avr ui [--port N]                          a local Prefect server + workers on cpu and gpu
     avr render-deployments [--check]           write deployments/prefect.yaml from the configs
 
+SIGTERM stops any command as Ctrl-C does, cleanup included: `avr ui` then exits with 0, other
+commands with 143 (130 after Ctrl-C). Servers and workers started here stop when `avr` dies, even
+by SIGKILL (flows/local_prefect.py).
+
 Config files (deployments/configs/*.yaml) nest like the flow parameters (`ingest:`, `policy:`,
 `tree:`, ...); each flow takes the sections it has. `--set tree.sampling.max_tokens=64`
 overrides one field, read against that field's type (flows/config_files.py); a key that does not
@@ -17,17 +21,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 # Set before the imports below, which import prefect, tqdm and huggingface_hub (through the flow
-# modules): each reads these once, when first imported. The ephemeral Prefect server that
-# `avr demo` / `avr run` start inherits them too: analytics off (its telemetry service printed
-# "database is locked" tracebacks from the SQLite file), and time for a first start, which
-# creates that database (over Prefect's 20 s on a busy 2-core machine). Without a terminal (CI,
-# logs) model-loading and trainer progress bars would fill the log with carriage returns; the
-# trainer child inherits these.
+# modules): each reads these once, when first imported. The temporary Prefect server that
+# `avr demo` / `avr run` start (local_prefect.temporary_api) inherits them too: analytics off
+# (its telemetry service printed "database is locked" tracebacks from the SQLite file), and time
+# for a first start, which creates that database (over Prefect's 20 s on a busy 2-core machine).
+# Without a terminal (CI, logs) model-loading and trainer progress bars would fill the log with
+# carriage returns; the trainer child inherits these.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 if not sys.stderr.isatty():
@@ -49,7 +54,7 @@ from flows.config_files import (
 )
 from flows.deployments import FLOWS, PARAM_NAME, get_flow, render_deployments
 from flows.inspect_runs import open_store, print_outputs, print_runs, print_show
-from flows.local_prefect import run_ui
+from flows.local_prefect import Terminated, interrupt_on_sigterm, run_ui, temporary_api
 
 __all__ = ["main", "run_demo", "run_flow"]
 
@@ -72,13 +77,14 @@ def run_flow(
     params = build_params(entry.params_model, config, overrides)
     check_models(params)
     print(f"running flow {entry.name} ({entry.entrypoint})")
-    result = entry.flow(**{PARAM_NAME: params})
+    with temporary_api():  # a server that dies with this process, unless an API is configured
+        result = entry.flow(**{PARAM_NAME: params})
     print_outputs(params, result, settings)
     return 0
 
 
 def run_demo(root: str | None, overrides: Sequence[str], settings: AvrSettings) -> int:
-    """`avr demo`: Stage I on the tiny config, in-process with an ephemeral Prefect API."""
+    """`avr demo`: Stage I on the tiny config, in-process with a temporary Prefect API."""
     extra = [f"storage_root={root}"] if root else []
     return run_flow("stage1", TINY_CONFIG, [*extra, *overrides], settings)
 
@@ -122,25 +128,36 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point (`avr`); returns the exit status (2 for a config or usage error)."""
+    """Console entry point (`avr`); returns the exit status (2 for a config or usage error,
+    130 after Ctrl-C, 143 after SIGTERM)."""
     args = _parser().parse_args(argv)
     try:
-        if args.command == "demo":
-            return run_demo(args.root, args.overrides, _settings())
-        if args.command == "run":
-            return run_flow(args.flow, args.config, args.overrides, _settings())
-        if args.command == "runs":
-            return print_runs(open_store(args.root, _settings()))
-        if args.command == "show":
-            store = open_store(args.root, _settings())
-            return print_show(store, args.run, args.step, args.rows, args.width)
-        if args.command == "ui":
-            return run_ui(args.port, args.home, not args.no_deploy)
-        if args.command == "render-deployments":
-            return render_deployments(args.check)
+        with interrupt_on_sigterm():
+            return _dispatch(args)
     except ConfigError as err:
         print(f"avr: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as stop:
+        terminated = isinstance(stop, Terminated)
+        print(f"avr: stopped ({'SIGTERM' if terminated else 'Ctrl-C'})", file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    """Run the chosen command; its exit status."""
+    if args.command == "demo":
+        return run_demo(args.root, args.overrides, _settings())
+    if args.command == "run":
+        return run_flow(args.flow, args.config, args.overrides, _settings())
+    if args.command == "runs":
+        return print_runs(open_store(args.root, _settings()))
+    if args.command == "show":
+        store = open_store(args.root, _settings())
+        return print_show(store, args.run, args.step, args.rows, args.width)
+    if args.command == "ui":
+        return run_ui(args.port, args.home, not args.no_deploy)
+    if args.command == "render-deployments":
+        return render_deployments(args.check)
     raise AssertionError(f"unhandled command {args.command}")
 
 

@@ -15,6 +15,7 @@ from rich.table import Table
 from avr_core.layout import RunLayout, StepRef
 from avr_core.reporting import format_run_summary
 from avr_core.results import RunSummary, StepResult, TrainResult
+from avr_core.rootfs import StorageRetry
 from avr_core.schemas import RECORD_TYPES
 from avr_core.settings import AvrSettings
 from avr_core.storage import DatasetStore, StepStatus
@@ -47,8 +48,13 @@ class RunOverview(BaseModel):
 
 
 def open_store(root: str, settings: AvrSettings) -> DatasetStore:
-    """The store at `root` (local paths made absolute), checked to be readable."""
-    store = DatasetStore(resolve_storage_root(root), settings.storage_options)
+    """The store at `root` (local paths made absolute), checked to be readable.
+
+    A person is waiting: a dead endpoint is reported at once, not after the workers' retry budget.
+    """
+    store = DatasetStore(
+        resolve_storage_root(root), settings.storage_options, StorageRetry(max_elapsed_s=0)
+    )
     try:
         store.list_runs()
     except Exception as err:  # any fsspec backend error: no bucket, no endpoint, no credentials

@@ -1,8 +1,14 @@
-"""A local Prefect server and process workers: `avr ui`, and the tests that deploy for real.
+"""Local Prefect servers and process workers: `avr ui`, `avr run`'s API, and deploy tests.
 
 `start_local_prefect` starts `prefect server start` on 127.0.0.1 with its state in a directory of
 its own and analytics off; `LocalPrefect` runs `prefect` commands against it and starts workers;
 on exit every process it started is stopped, with the flow runs the workers started.
+`temporary_api` is the API of a flow run in this process (`avr run`, `avr demo`) when none is
+configured: what Prefect's own ephemeral server would be, but started here.
+
+Process hygiene: every server and worker started here gets SIGTERM from Linux when this process
+dies, however it dies (`die_with_parent`; kill -9 included), and SIGTERM stops these commands the
+way Ctrl-C does (`interrupt_on_sigterm`), so `kill`, `docker stop` and systemd stop them cleanly.
 """
 
 from __future__ import annotations
@@ -14,18 +20,80 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import FrameType
 
 import httpx
+import prefect
+import prefect.context
+from prefect.events.worker import EventsWorker
+from prefect.logging.handlers import APILogWorker
+from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
+from avr_core.processes import die_with_parent
 from flows.config_files import PROJECT_DIR
 from flows.deployments import CPU_POOL, GPU_POOL, PREFECT_YAML
 
-__all__ = ["LocalPrefect", "ensure_pool", "free_port", "run_ui", "start_local_prefect"]
+__all__ = [
+    "LocalPrefect",
+    "Terminated",
+    "die_with_parent",
+    "ensure_pool",
+    "free_port",
+    "interrupt_on_sigterm",
+    "run_ui",
+    "start_local_prefect",
+    "temporary_api",
+]
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt: the same cleanup runs
+    (`avr run` and `avr demo` then exit with 128 + SIGTERM = 143, `avr ui` with 0)."""
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def interrupt_on_sigterm(also_sigint: bool = False) -> Iterator[None]:
+    """Inside, SIGTERM raises `Terminated`; with `also_sigint`, Ctrl-C raises KeyboardInterrupt
+    even if this process was started with SIGINT ignored (a shell's background job). The
+    previous handlers come back on exit (a no-op outside the main thread, where Python cannot
+    set handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    if also_sigint:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def _stop_signals_ignored() -> Iterator[None]:
+    """While stopping (bounded by timeouts), a second Ctrl-C or SIGTERM (systemd signals every
+    process of a unit; impatient users press twice) must not cut the cleanup short."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    for sig in previous:
+        signal.signal(sig, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def free_port() -> int:
@@ -67,17 +135,10 @@ class LocalPrefect:
         """Start a process worker on `pool` in the background (logs in log_dir)."""
         log = open(self.log_dir / f"worker-{pool}.log", "ab")  # noqa: SIM115 - lives with the process
         process = subprocess.Popen(
-            [
-                _prefect_bin(),
-                "worker",
-                "start",
-                "--pool",
-                pool,
-                "--type",
-                "process",
-                "--name",
-                name,
-            ],
+            die_with_parent(
+                [_prefect_bin(), "worker", "start", "--pool", pool, "--type", "process"]
+                + ["--name", name]
+            ),
             cwd=PROJECT_DIR,
             env=self.env,
             stdout=log,
@@ -89,6 +150,10 @@ class LocalPrefect:
 
     def stop(self) -> None:
         """Stop every process started here, and the flow runs workers started (own sessions)."""
+        with _stop_signals_ignored():
+            self._stop()
+
+    def _stop(self) -> None:
         pids = [p.pid for p in self.processes if p.poll() is None]
         groups = {os.getpgid(pid) for pid in _with_descendants(pids) if _alive(pid)}
         for group in groups:
@@ -175,7 +240,9 @@ def start_local_prefect(
     log_dir.mkdir(exist_ok=True)
     server_log = open(log_dir / "server.log", "ab")  # noqa: SIM115 - lives with the process
     server = subprocess.Popen(
-        [_prefect_bin(), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        die_with_parent(
+            [_prefect_bin(), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+        ),
         cwd=PROJECT_DIR,
         env=env,
         stdout=server_log,
@@ -197,27 +264,112 @@ def ensure_pool(local: LocalPrefect, pool: str) -> None:
         local.prefect("work-pool", "create", pool, "--type", "process")
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 def run_ui(port: int | None, home: str | None, deploy: bool) -> int:
-    """`avr ui`: server + cpu/gpu process pools + deployments + one worker per pool, until Ctrl-C."""
+    """`avr ui`: server + cpu/gpu process pools + deployments + one worker per pool, until Ctrl-C
+    or SIGTERM, which stop them all and exit with 0 (also while starting). 1 if the server or a
+    worker exits on its own (the others are stopped then too)."""
     state = Path(home) if home else Path(os.environ.get("PREFECT_HOME", Path.home() / ".prefect"))
-    # Ctrl-C and `kill` both stop the server and workers cleanly (a shell may start this
-    # command with SIGINT ignored, e.g. in the background).
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _interrupt)
-    with start_local_prefect(state, port) as local:
-        for pool in (CPU_POOL, GPU_POOL):
-            ensure_pool(local, pool)
-        if deploy:
-            local.prefect("deploy", "--prefect-file", str(PREFECT_YAML), "--all")
-        for pool in (CPU_POOL, GPU_POOL):
-            local.start_worker(pool, name=f"avr-{pool}")
-        print(f"Prefect UI: {local.ui_url}   (API {local.api_url}; logs in {local.log_dir})")
-        print("Open a deployment and press Run. Ctrl-C stops the server and the workers.")
-        with contextlib.suppress(KeyboardInterrupt):
-            while all(p.poll() is None for p in local.processes):
-                time.sleep(1)
+    # A shell may start this command with SIGINT ignored, e.g. in the background.
+    with interrupt_on_sigterm(also_sigint=True):
+        try:
+            with start_local_prefect(state, port) as local:
+                for pool in (CPU_POOL, GPU_POOL):
+                    ensure_pool(local, pool)
+                if deploy:
+                    local.prefect("deploy", "--prefect-file", str(PREFECT_YAML), "--all")
+                for pool in (CPU_POOL, GPU_POOL):
+                    local.start_worker(pool, name=f"avr-{pool}")
+                print(
+                    f"Prefect UI: {local.ui_url}   (API {local.api_url}; logs in {local.log_dir})"
+                )
+                print("Open a deployment and press Run. Ctrl-C stops the server and the workers.")
+                while all(p.poll() is None for p in local.processes):
+                    time.sleep(1)
+                exited = next(p for p in local.processes if p.poll() is not None)
+                what = "the Prefect server" if exited is local.processes[0] else "a worker"
+                print(
+                    f"avr ui: {what} exited with code {exited.returncode} "
+                    f"(logs in {local.log_dir}); stopping",
+                    file=sys.stderr,
+                )
+                return 1
+        except KeyboardInterrupt as stop:
+            reason = "SIGTERM" if isinstance(stop, Terminated) else "Ctrl-C"
+            print(f"avr ui: stopped ({reason})", file=sys.stderr)
     return 0
+
+
+@contextlib.contextmanager
+def temporary_api(startup_timeout: float | None = None) -> Iterator[str | None]:
+    """The Prefect API for flows run in this process: the configured PREFECT_API_URL if any,
+    else a temporary server on a free loopback port, stopped on exit.
+
+    Without a configured API Prefect would start its own temporary server, which outlives this
+    process when it is killed with SIGKILL; this one is the same server (the app Prefect runs,
+    without UI, with the services of an ephemeral server, state in PREFECT_HOME) started with
+    `die_with_parent`. Its URL is set for this process's threads and children too.
+    """
+    configured = PREFECT_API_URL.value()
+    if configured:
+        yield configured
+        return
+    settings = get_current_settings()
+    timeout = startup_timeout or settings.server.ephemeral.startup_timeout_seconds
+    port = free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    env = {
+        **os.environ,
+        **settings.to_environment_variables(exclude_unset=True),
+        # As Prefect's own ephemeral server (prefect.server.api.server.SubprocessASGIServer).
+        "PREFECT_UI_ENABLED": "0",
+        "PREFECT__SERVER_EPHEMERAL": "1",
+        "PREFECT__SERVER_FINAL": "1",
+    }
+    command = [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent)]
+    command += ["--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1"]
+    command += ["--port", str(port), "--log-level", "error", "--lifespan", "on"]
+    print(f"starting a temporary Prefect API on {api_url} (it stops with this command)")
+    # Its own session: Ctrl-C in a terminal reaches only `avr`, which still reports the flow run's
+    # end to this server before stopping it.
+    server = subprocess.Popen(die_with_parent(command), env=env, start_new_session=True)
+    try:
+        _wait_healthy(api_url, server, timeout)
+        with _api_url_everywhere(api_url):
+            try:
+                yield api_url
+            finally:
+                _drain_prefect_workers()
+    finally:
+        with _stop_signals_ignored():
+            server.terminate()
+            try:
+                server.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+
+
+@contextlib.contextmanager
+def _api_url_everywhere(api_url: str) -> Iterator[None]:
+    """PREFECT_API_URL for this thread, for threads whose context has no settings of its own
+    (Prefect's log and event workers: they would start another server otherwise), and for child
+    processes."""
+    previous = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = api_url
+    prefect.context.refresh_global_settings_context()
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: api_url}):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = previous
+        prefect.context.refresh_global_settings_context()
+
+
+def _drain_prefect_workers() -> None:
+    """Send the logs and events still queued before the server they go to stops."""
+    for worker in (APILogWorker, EventsWorker):
+        with contextlib.suppress(Exception):
+            worker.drain_all(timeout=10)

@@ -1,0 +1,1 @@
+"""Fault injection for tests: network outages (`tcp_proxy.TcpProxy`)."""
