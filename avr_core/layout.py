@@ -1,6 +1,7 @@
 """Where everything lives under a storage root (DESIGN section 2). No other module builds a path.
 
     runs/{run}/run.json                                the run record (config, code version)
+    runs/{run}/_lease.json                             who writes the run now (one writer per run)
     runs/{run}/{stage}/{step}/part-{i:05d}.parquet     shards
     runs/{run}/{stage}/{step}/_manifest.json           written last
     runs/{run}/{stage}/rejects.jsonl                   prompt rows that failed validation
@@ -96,6 +97,10 @@ class RunLayout:
     @property
     def run_record(self) -> str:
         return f"{self.directory}/run.json"
+
+    @property
+    def lease(self) -> str:
+        return f"{self.directory}/_lease.json"
 
     @property
     def regenerate_record(self) -> str:

@@ -54,6 +54,27 @@ class AvrSettings(BaseSettings):
         description="CPUs a vLLM CPU engine binds to, e.g. 0-7 (default: every CPU this process "
         "may use)",
     )
+    storage_retry_seconds: float = Field(
+        180.0,
+        ge=0,
+        description="how long one storage call keeps retrying connection errors and 5xx/503 "
+        "SlowDown answers (exponential backoff with jitter) before its shard fails",
+    )
+    model_cache_gb: float = Field(
+        20.0,
+        gt=0,
+        description="size budget of the cache of models fetched from storage; least recently "
+        "used models are evicted beyond it",
+    )
+    lease_stale_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="a run's lease without a heartbeat for this long may be taken over by "
+        "another process (its owner is presumed dead)",
+    )
+    lease_heartbeat_seconds: float = Field(
+        30.0, gt=0, description="how often the process holding a run's lease renews it"
+    )
     cuda_visible_devices: str | None = Field(
         None,
         validation_alias=AliasChoices("CUDA_VISIBLE_DEVICES"),
@@ -69,6 +90,10 @@ class AvrSettings(BaseSettings):
                 f"AVR_STORAGE_OPTIONS must be a JSON object, got {type(value).__name__}"
             )
         return value or {}
+
+    @property
+    def model_cache_bytes(self) -> int:
+        return int(self.model_cache_gb * 10**9)
 
     def api_key(self) -> str | None:
         """The OpenAI-compatible bearer token, or None."""

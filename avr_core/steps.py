@@ -231,7 +231,7 @@ def plan_step(
     )
     inputs = (
         {
-            index: inputs_digest([manifest.shard(index).sha256 for manifest in manifests])
+            index: inputs_digest([manifest.shard(index).rows_digest for manifest in manifests])
             for index in indices
         }
         if manifests

@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
-from avr_core.fingerprint import sha256_hex
+from avr_core.hashing import sha256_hex
 from avr_core.layout import (
     CHECKPOINTS,
     MANIFEST_NAME,
@@ -40,7 +40,7 @@ from avr_core.layout import (
     StepRef,
     shard_index,
 )
-from avr_core.rootfs import RootFS, StorageError, StorageUnreachableError
+from avr_core.rootfs import RootFS, StorageError, StorageRetry, StorageUnreachableError
 from avr_core.schemas import (
     RECORD_TYPES,
     SCHEMA_VERSION,
@@ -92,6 +92,14 @@ class ShardInfo(BaseModel):
     rows: int
     sha256: str
     fingerprint: str
+    content_sha256: str = Field(
+        "", description="digest of its rows (`content_digest`), stable across re-encodings"
+    )
+
+    @property
+    def rows_digest(self) -> str:
+        """What downstream shards depend on: the rows (the file's sha256 for older shards)."""
+        return self.content_sha256 or self.sha256
 
 
 class Manifest(BaseModel):
@@ -160,7 +168,11 @@ def content_digest(table: pa.Table) -> str:
 
 
 def inputs_digest(source_shas: list[str]) -> str:
-    """Digest of the input shards (their sha256s, in source order) one shard was computed from."""
+    """Digest of the input shards one shard was computed from (their rows digests, in order).
+
+    Rows, not file bytes: a source shard recomputed with the same rows (a deterministic engine)
+    re-derives nothing downstream, though its footer's timings differ.
+    """
     return sha256_hex(json.dumps(source_shas).encode()) if source_shas else ""
 
 
@@ -194,8 +206,13 @@ def _footer_metadata(data: bytes) -> dict[bytes, bytes] | None:
 class DatasetStore:
     """Parquet shards, manifests and run records under one fsspec root."""
 
-    def __init__(self, root: str, storage_options: dict[str, Any] | None = None) -> None:
-        self.files = RootFS(root, storage_options)
+    def __init__(
+        self,
+        root: str,
+        storage_options: dict[str, Any] | None = None,
+        retry: StorageRetry | None = None,
+    ) -> None:
+        self.files = RootFS(root, storage_options, retry=retry)
         self.root: str = self.files.root
         self.storage_options: dict[str, Any] = self.files.storage_options
         self.fs = self.files.fs
@@ -244,11 +261,12 @@ class DatasetStore:
         cls = _record_class(record_type)
         layout, ref = RunLayout(run), StepRef(stage, step)
         table = records_to_table(records, cls)
+        rows_digest = content_digest(table)
         data = _parquet_bytes(
             table,
             {
                 META_FINGERPRINT: fingerprint.encode(),
-                META_CONTENT: content_digest(table).encode(),
+                META_CONTENT: rows_digest.encode(),
                 META_INPUTS: inputs.encode(),
                 META_RECORD_TYPE: cls.__name__.encode(),
                 META_SCHEMA_VERSION: SCHEMA_VERSION.encode(),
@@ -266,6 +284,7 @@ class DatasetStore:
             rows=table.num_rows,
             sha256=sha256_hex(data),
             fingerprint=fingerprint,
+            content_sha256=rows_digest,
         )
 
     def _shard_indices(self, run: str, stage: str, step: str) -> list[int]:
@@ -299,6 +318,7 @@ class DatasetStore:
             rows=int(metadata.get(META_ROWS, b"0")),
             sha256=sha256_hex(data),
             fingerprint=metadata.get(META_FINGERPRINT, b"").decode(),
+            content_sha256=metadata.get(META_CONTENT, b"").decode(),
         )
         stats = json.loads(metadata.get(META_STATS, b"{}") or b"{}")
         return _ShardFile(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -30,17 +31,23 @@ from pydantic import BaseModel, ConfigDict, Field
 from avr_core.checkpoints import (
     checkpoint_step,
     download_dir,
+    invalidate_completion,
+    read_sync_marker,
     synced_checkpoint_steps,
     upload_dir,
+    verify_synced_dir,
 )
 from avr_core.config import TrainingConfig
 from avr_core.devices import train_on_cpu
-from avr_core.fingerprint import short_hash
+from avr_core.hashing import short_hash
 from avr_core.layout import RunLayout, StepRef
 from avr_core.models import TINY_MODEL, resolve_model_dir
+from avr_core.processes import die_with_parent
 from avr_core.schemas import ArrowRecord, PreferencePair, SFTExample
+from avr_core.settings import AvrSettings
 from avr_core.storage import DatasetStore
 from avr_core.trl_config import to_dpo_config, to_lora_config, to_sft_config
+from avr_core.workdirs import claim_dir, remove_abandoned_dirs
 
 if TYPE_CHECKING:
     import datasets
@@ -59,6 +66,8 @@ _TRL_COLUMNS = {"sft": ["messages"], "dpo": ["prompt", "chosen", "rejected"]}
 _RECORD_TYPES: dict[str, type[ArrowRecord]] = {"sft": SFTExample, "dpo": PreferencePair}
 _TAIL_LINES = 60
 
+logger = logging.getLogger(__name__)
+
 
 class TrainingFailedError(RuntimeError):
     """The training process exited with an error; the message carries the tail of its output."""
@@ -75,9 +84,6 @@ class TrainJob(BaseModel):
         description="bundled model name, local directory or storage URI of a saved model",
     )
     store_root: str = Field(description="storage root URI (file://, s3://, any fsspec URL)")
-    storage_options: dict[str, Any] = Field(
-        default_factory=dict, description="fsspec options (credentials): never written out"
-    )
     cache_dir: str | None = Field(None, description="model cache (None: ~/.cache/avr-factory)")
     run: str
     dataset_stage: str = Field(description="stage holding the training set, e.g. 'stage1'")
@@ -87,7 +93,11 @@ class TrainJob(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="execution.device: cpu forces the CPU even where a GPU is visible"
     )
-    work_dir: str = Field(description="local scratch directory for trainer checkpoints")
+    work_dir: str = Field(
+        "",
+        description="local scratch directory for trainer checkpoints, unique to this attempt "
+        "(`run_training_subprocess` claims one under its `work_root`)",
+    )
     crash_after_step_for_tests: int | None = Field(
         None, description="test hook: crash the process after this optimizer step (a kill)"
     )
@@ -264,20 +274,50 @@ def _save_final_model(trainer: Trainer, final_dir: Path) -> None:
         trainer.processing_class.save_pretrained(final_dir)
 
 
-def train(job: TrainJob) -> dict[str, Any]:
-    """Train (or resume) the job; returns the completion record (with `final_uri`)."""
-    store = DatasetStore(job.store_root, job.storage_options)
+def _trusted_completion(store: DatasetStore, job: TrainJob) -> dict[str, Any] | None:
+    """The completion record of a finished job whose final model is still whole, else None.
+
+    Sizes are checked here (cheap, a listing); hashes when the model is read
+    (`avr_core.models.resolve_model_dir`). A model that fails the check is set aside and the
+    job resumes from its last synced checkpoint, which rebuilds the final model.
+    """
+    layout = RunLayout(job.run)
+    done = store.read_json(layout.complete_marker(job.train_step))
+    if done is None:
+        return None
+    final = layout.final_model(job.train_step)
+    problems = verify_synced_dir(store.files, final, check_hashes=False)
+    if not problems:
+        return dict(done)
+    logger.warning(
+        "%s: the final model of %s is damaged (%s); retraining it from the last checkpoint",
+        store.uri(final),
+        job.train_step,
+        "; ".join(problems),
+    )
+    invalidate_completion(store.files, layout.checkpoints(job.train_step), "; ".join(problems))
+    return None
+
+
+def train(job: TrainJob, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train (or resume) the job; returns the completion record (with `final_uri`).
+
+    `storage_options` (credentials) come from the caller's settings, never from the job file.
+    """
+    if not job.work_dir:
+        raise ValueError("TrainJob.work_dir is empty: give the trainer a scratch directory")
+    store = DatasetStore(job.store_root, storage_options)
     layout = RunLayout(job.run)
     final_uri = store.uri(layout.final_model(job.train_step))
     fingerprint = job.fingerprint(_dataset_identity(store, job))
     _check_same_job(store, job, fingerprint)
-    done = store.read_json(layout.complete_marker(job.train_step))
+    done = _trusted_completion(store, job)
     if done is not None:
-        return dict(done)
+        return done
 
     dataset = _load_train_dataset(job, store)
     cache = Path(job.cache_dir) if job.cache_dir else None
-    model_dir = resolve_model_dir(job.base_model, job.storage_options, cache)
+    model_dir = resolve_model_dir(job.base_model, storage_options, cache)
     work_dir = Path(job.work_dir)
     output_dir = work_dir / "trainer"
     start_recorder = _make_start_recorder()
@@ -288,8 +328,7 @@ def train(job: TrainJob) -> dict[str, Any]:
     accelerator = trainer.accelerator
 
     if accelerator.is_main_process:
-        # storage_options may hold credentials: never write them to storage.
-        recorded_job = job.model_dump(mode="json", exclude={"storage_options"})
+        recorded_job = job.model_dump(mode="json")
         store.write_json(
             layout.job_marker(job.train_step), {"fingerprint": fingerprint, "job": recorded_job}
         )
@@ -316,6 +355,11 @@ def train(job: TrainJob) -> dict[str, Any]:
     }
     if accelerator.is_main_process:
         upload_dir(store.files, final_dir, layout.final_model(job.train_step))
+        # The files' hashes name this model's weights: a model retrained under the same
+        # fingerprint (after a loss) gets another revision, so data generated with it differs.
+        files = read_sync_marker(store.files, layout.final_model(job.train_step)) or {}
+        summary["files"] = files
+        summary["revision"] = short_hash({"fingerprint": fingerprint, "files": files})
         # Written last: its presence means the final model in storage is whole.
         store.write_json(layout.complete_marker(job.train_step), summary)
     accelerator.wait_for_everyone()
@@ -346,16 +390,43 @@ def training_command(job_path: str, result_path: str, num_gpus: int) -> list[str
     return [sys.executable, *module]
 
 
-def run_training_subprocess(job: TrainJob, num_gpus: int, env: dict[str, str] | None = None) -> str:
+_JOB_DIR_PREFIX = "avr-train-"
+_WORK_DIR_PREFIX = "train-"
+# How the parent hands the child its storage credentials: the environment, never the job file.
+STORAGE_OPTIONS_ENV = "AVR_STORAGE_OPTIONS"
+
+
+def run_training_subprocess(
+    job: TrainJob,
+    num_gpus: int,
+    env: dict[str, str] | None = None,
+    storage_options: dict[str, Any] | None = None,
+    work_root: Path | None = None,
+) -> str:
     """Train in a child process (never in one holding a vLLM engine); return the final URI.
 
-    `env` is the child's environment (default: this process's).
+    `env` is the child's environment (default: this process's); `storage_options` reach the
+    child through it. With `work_root`, the trainer's scratch is a fresh directory there, unique
+    to this attempt; scratch and job directories of dead processes are removed first.
     """
-    with tempfile.TemporaryDirectory(prefix="avr-train-") as tmp:
-        job_path = Path(tmp) / "job.json"
-        result_path = Path(tmp) / "result.json"
-        job_path.write_text(job.model_dump_json(indent=2))
-        command = training_command(str(job_path), str(result_path), num_gpus)
+    temp_root = Path(tempfile.gettempdir())
+    remove_abandoned_dirs(temp_root, _JOB_DIR_PREFIX)
+    if work_root is not None:
+        remove_abandoned_dirs(work_root, _WORK_DIR_PREFIX)
+        job = job.model_copy(update={"work_dir": str(claim_dir(work_root, _WORK_DIR_PREFIX))})
+    job_dir = claim_dir(temp_root, _JOB_DIR_PREFIX)
+    try:
+        job_path = job_dir / "job.json"
+        result_path = job_dir / "result.json"
+        # 0600 from the start (the directory is 0700 too): nobody else reads the job.
+        descriptor = os.open(job_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(job.model_dump_json(indent=2))
+        child_env = dict(os.environ if env is None else env)
+        child_env[STORAGE_OPTIONS_ENV] = json.dumps(storage_options or {})
+        # SIGTERM when this process dies: a killed worker leaves no orphan trainer writing
+        # checkpoints beside the next attempt. This thread waits for the child, as Linux needs.
+        command = die_with_parent(training_command(str(job_path), str(result_path), num_gpus))
         tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
         # stderr is merged so the tail shows the traceback in order with the trainer's logs.
         with subprocess.Popen(
@@ -364,7 +435,7 @@ def run_training_subprocess(job: TrainJob, num_gpus: int, env: dict[str, str] | 
             stderr=subprocess.STDOUT,
             text=True,
             errors="replace",
-            env=env,
+            env=child_env,
         ) as process:
             assert process.stdout is not None
             for line in process.stdout:
@@ -381,6 +452,12 @@ def run_training_subprocess(job: TrainJob, num_gpus: int, env: dict[str, str] | 
                 f"training {job.train_step!r} exited cleanly but wrote no result file"
             )
         return str(json.loads(result_path.read_text())["final_uri"])
+    finally:
+        shutil.rmtree(job_dir, ignore_errors=True)
+        if work_root is not None:
+            # Whatever is worth keeping was synced to storage; a killed attempt's scratch is
+            # removed by the next one (remove_abandoned_dirs above).
+            shutil.rmtree(job.work_dir, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -390,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m avr_core.training JOB.json RESULT.json", file=sys.stderr)
         return 2
     job = TrainJob.model_validate_json(Path(args[0]).read_text())
-    summary = train(job)
+    # This process is an edge: its settings (credentials) come from the environment.
+    summary = train(job, AvrSettings().storage_options)
     # Under `accelerate launch` every rank runs this; train() returns the same record on each,
     # and the file is written whole by a rename, so concurrent writers cannot tear it.
     temp = Path(args[1]).with_suffix(f".tmp-{os.getpid()}")

@@ -27,7 +27,7 @@ from flows.params import RegenerateParams
 from tasks.datasets import build_pairs_task, select_rsft_task
 from tasks.prompts import ingest_prompts_task
 from tasks.regenerate import merge_scored_task, plan_regeneration_task, publish_version_task
-from tasks.runlog import start_run_task
+from tasks.runlog import hold_run, start_run_task
 from tasks.trees import generate_trees_task, revision_of, score_trees_task
 
 __all__ = ["regenerate"]
@@ -41,33 +41,38 @@ def regenerate(params: RegenerateParams | None = None) -> PublishedVersion:
     version = params.version or today(params.timezone)
     # One run per version: every step below reads and writes runs/{dataset}-{version}.
     p = params.model_copy(update={"run_name": version_run_name(dataset, version)})
-    start_run_task(p.storage_root, p.run_name, "regenerate", p)
-    trees_key = scored_trees_key(
-        p.policy,
-        revision_of(p.policy),
-        p.reward,
-        revision_of(p.reward),
-        load_templates(p.templates_dir).version,
-        p.tree,
-    )
-    shard_size = p.ingest.shard_size
-
-    ingest_prompts_task(p.step_io(S.SOURCE), p.ingest)
-    plan = plan_regeneration_task(
-        p.step_io(S.NEW_PROMPTS, S.SOURCE), dataset, version, trees_key, shard_size
-    )
-    if plan.new:
-        generate_trees_task(
-            p.step_io(S.NEW_TREES, S.NEW_PROMPTS), p.policy, p.tree, p.templates_dir, p.execution
+    with hold_run(p.storage_root, p.run_name, "regenerate"):
+        start_run_task(p.storage_root, p.run_name, "regenerate", p)
+        trees_key = scored_trees_key(
+            p.policy,
+            revision_of(p.policy),
+            p.reward,
+            revision_of(p.reward),
+            load_templates(p.templates_dir).version,
+            p.tree,
         )
-        score_trees_task(p.step_io(S.NEW_SCORED, S.NEW_TREES), p.reward, p.execution)
-    merge_scored_task(p.step_io(S.SCORED), plan, shard_size)
-    select_rsft_task(p.step_io(S.RSFT, S.SCORED), p.selection, p.templates_dir)
-    build_pairs_task(p.step_io(S.PAIRS, S.SCORED), p.selection, p.templates_dir)
-    published = publish_version_task(p.storage_root, dataset, version, p.run_name, plan)
-    print(
-        f"published {dataset} version {version}: {p.storage_root}/runs/{p.run_name} "
-        f"({plan.new} prompts generated, {plan.reused} reused from "
-        f"{plan.previous or 'no earlier version'})"
-    )
+        shard_size = p.ingest.shard_size
+
+        ingest_prompts_task(p.step_io(S.SOURCE), p.ingest, p.policy, p.tree)
+        plan = plan_regeneration_task(
+            p.step_io(S.NEW_PROMPTS, S.SOURCE), dataset, version, trees_key, shard_size
+        )
+        if plan.new:
+            generate_trees_task(
+                p.step_io(S.NEW_TREES, S.NEW_PROMPTS),
+                p.policy,
+                p.tree,
+                p.templates_dir,
+                p.execution,
+            )
+            score_trees_task(p.step_io(S.NEW_SCORED, S.NEW_TREES), p.reward, p.execution)
+        merge_scored_task(p.step_io(S.SCORED), plan, shard_size)
+        select_rsft_task(p.step_io(S.RSFT, S.SCORED), p.selection, p.templates_dir)
+        build_pairs_task(p.step_io(S.PAIRS, S.SCORED), p.selection, p.templates_dir)
+        published = publish_version_task(p.storage_root, dataset, version, p.run_name, plan)
+        print(
+            f"published {dataset} version {version}: {p.storage_root}/runs/{p.run_name} "
+            f"({plan.new} prompts generated, {plan.reused} reused from "
+            f"{plan.previous or 'no earlier version'})"
+        )
     return published

@@ -18,7 +18,7 @@ from avr_core.steps import Stage1Steps as S
 from flows.params import Stage1Params
 from tasks.datasets import build_pairs_task, select_rsft_task
 from tasks.prompts import ingest_prompts_task
-from tasks.runlog import artifact_key, start_run_task
+from tasks.runlog import artifact_key, hold_run, start_run_task
 from tasks.training import train_model_task
 from tasks.trees import generate_trees_task, score_trees_task
 
@@ -29,42 +29,45 @@ __all__ = ["stage1"]
 def stage1(params: Stage1Params | None = None) -> RunSummary:
     """Run Stage I end to end; returns where every dataset and checkpoint is, and counts."""
     p = params or Stage1Params()
-    run_record_uri = start_run_task(p.storage_root, p.run_name, "stage1", p)
+    with hold_run(p.storage_root, p.run_name, "stage1"):
+        run_record_uri = start_run_task(p.storage_root, p.run_name, "stage1", p)
 
-    prompts = ingest_prompts_task(p.step_io(S.PROMPTS), p.ingest)
+        prompts = ingest_prompts_task(p.step_io(S.PROMPTS), p.ingest, p.policy, p.tree)
 
-    seed_trees = generate_trees_task(
-        p.step_io(S.SEED_TREES, S.PROMPTS), p.policy, p.tree, p.templates_dir, p.execution
-    )
-    seed_scored = score_trees_task(p.step_io(S.SEED_SCORED, S.SEED_TREES), p.reward, p.execution)
-    rsft = select_rsft_task(p.step_io(S.RSFT, S.SEED_SCORED), p.selection, p.templates_dir)
-    sft = train_model_task(
-        p.step_io(S.TRAIN_SFT, S.RSFT), "sft", weights_path(p.policy), p.sft, p.execution
-    )
+        seed_trees = generate_trees_task(
+            p.step_io(S.SEED_TREES, S.PROMPTS), p.policy, p.tree, p.templates_dir, p.execution
+        )
+        seed_scored = score_trees_task(
+            p.step_io(S.SEED_SCORED, S.SEED_TREES), p.reward, p.execution
+        )
+        rsft = select_rsft_task(p.step_io(S.RSFT, S.SEED_SCORED), p.selection, p.templates_dir)
+        sft = train_model_task(
+            p.step_io(S.TRAIN_SFT, S.RSFT), "sft", weights_path(p.policy), p.sft, p.execution
+        )
 
-    sft_policy = p.policy.model_copy(update={"path": sft.final_uri})
-    sft_trees = generate_trees_task(
-        p.step_io(S.SFT_TREES, S.PROMPTS), sft_policy, p.tree, p.templates_dir, p.execution
-    )
-    sft_scored = score_trees_task(p.step_io(S.SFT_SCORED, S.SFT_TREES), p.reward, p.execution)
-    pairs = build_pairs_task(p.step_io(S.PAIRS, S.SFT_SCORED), p.selection, p.templates_dir)
-    dpo = train_model_task(
-        p.step_io(S.TRAIN_DPO, S.PAIRS), "dpo", sft.final_uri, p.dpo, p.execution
-    )
+        sft_policy = p.policy.model_copy(update={"path": sft.final_uri})
+        sft_trees = generate_trees_task(
+            p.step_io(S.SFT_TREES, S.PROMPTS), sft_policy, p.tree, p.templates_dir, p.execution
+        )
+        sft_scored = score_trees_task(p.step_io(S.SFT_SCORED, S.SFT_TREES), p.reward, p.execution)
+        pairs = build_pairs_task(p.step_io(S.PAIRS, S.SFT_SCORED), p.selection, p.templates_dir)
+        dpo = train_model_task(
+            p.step_io(S.TRAIN_DPO, S.PAIRS), "dpo", sft.final_uri, p.dpo, p.execution
+        )
 
-    summary = RunSummary(
-        flow="stage1",
-        run=p.run_name,
-        storage_root=p.storage_root,
-        run_record_uri=run_record_uri,
-        steps=[prompts, seed_trees, seed_scored, rsft, sft_trees, sft_scored, pairs],
-        models=[sft, dpo],
-    )
-    create_markdown_artifact(
-        markdown=render_run_markdown(summary),
-        key=artifact_key(p.run_name, "stage1-summary"),
-        description=f"Stage I summary of run {p.run_name}",
-    )
+        summary = RunSummary(
+            flow="stage1",
+            run=p.run_name,
+            storage_root=p.storage_root,
+            run_record_uri=run_record_uri,
+            steps=[prompts, seed_trees, seed_scored, rsft, sft_trees, sft_scored, pairs],
+            models=[sft, dpo],
+        )
+        create_markdown_artifact(
+            markdown=render_run_markdown(summary),
+            key=artifact_key(p.run_name, "stage1-summary"),
+            description=f"Stage I summary of run {p.run_name}",
+        )
     return summary
 
 

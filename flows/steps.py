@@ -25,6 +25,7 @@ from flows.params import (
 from tasks.datasets import build_pairs_task, select_rsft_task
 from tasks.engines import open_store
 from tasks.prompts import ingest_prompts_task
+from tasks.runlog import hold_run
 from tasks.training import train_model_task
 from tasks.trees import generate_trees_task, score_trees_task
 
@@ -42,53 +43,61 @@ __all__ = [
 @flow(name="ingest-prompts")
 def ingest_prompts_flow(params: IngestParams) -> StepResult:
     """Store a prompt set as the run's inputs/prompts shards."""
-    return ingest_prompts_task(params.step_io(Stage1Steps.PROMPTS), params.ingest)
+    p = params
+    with hold_run(p.storage_root, p.run_name, "ingest-prompts"):
+        return ingest_prompts_task(p.step_io(Stage1Steps.PROMPTS), p.ingest)
 
 
 @flow(name="generate-trees")
 def generate_trees_flow(params: GenerateTreesParams) -> StepResult:
     """Refinement trees for a prompts step."""
     p = params
-    return generate_trees_task(
-        p.step_io(p.target, p.source), p.policy, p.tree, p.templates_dir, p.execution
-    )
+    with hold_run(p.storage_root, p.run_name, "generate-trees"):
+        return generate_trees_task(
+            p.step_io(p.target, p.source), p.policy, p.tree, p.templates_dir, p.execution
+        )
 
 
 @flow(name="score-trees")
 def score_trees_flow(params: ScoreTreesParams) -> StepResult:
     """Reward scores for a trees step."""
     p = params
-    return score_trees_task(p.step_io(p.target, p.source), p.reward, p.execution)
+    with hold_run(p.storage_root, p.run_name, "score-trees"):
+        return score_trees_task(p.step_io(p.target, p.source), p.reward, p.execution)
 
 
 @flow(name="select-rsft")
 def select_rsft_flow(params: SelectRSFTParams) -> StepResult:
     """RSFT examples from a scored trees step."""
     p = params
-    return select_rsft_task(p.step_io(p.target, p.source), p.selection, p.templates_dir)
+    with hold_run(p.storage_root, p.run_name, "select-rsft"):
+        return select_rsft_task(p.step_io(p.target, p.source), p.selection, p.templates_dir)
 
 
 @flow(name="build-pairs")
 def build_pairs_flow(params: BuildPairsParams) -> StepResult:
     """DPO preference pairs from a scored trees step."""
     p = params
-    return build_pairs_task(p.step_io(p.target, p.source), p.selection, p.templates_dir)
+    with hold_run(p.storage_root, p.run_name, "build-pairs"):
+        return build_pairs_task(p.step_io(p.target, p.source), p.selection, p.templates_dir)
 
 
 @flow(name="train-sft")
 def train_sft_flow(params: TrainSFTParams) -> TrainResult:
     """SFT of the policy on an SFTExample step (e.g. stage1/rsft)."""
     p = params
-    io = p.step_io(StepRef(CHECKPOINTS, p.train_step), p.dataset)
-    return train_model_task(io, "sft", weights_path(p.policy, "policy"), p.sft, p.execution)
+    with hold_run(p.storage_root, p.run_name, "train-sft"):
+        io = p.step_io(StepRef(CHECKPOINTS, p.train_step), p.dataset)
+        return train_model_task(io, "sft", weights_path(p.policy, "policy"), p.sft, p.execution)
 
 
 @flow(name="train-dpo")
 def train_dpo_flow(params: TrainDPOParams) -> TrainResult:
     """DPO on a PreferencePair step (e.g. stage1/pairs); by default from this run's SFT model."""
     p = params
-    base_model = p.base_model or open_store(p.storage_root).uri(
-        RunLayout(p.run_name).final_model(Stage1Steps.TRAIN_SFT.step)
-    )
-    io = p.step_io(StepRef(CHECKPOINTS, p.train_step), p.dataset)
-    return train_model_task(io, "dpo", base_model, p.dpo, p.execution)
+    with hold_run(p.storage_root, p.run_name, "train-dpo"):
+        base_model = p.base_model or open_store(p.storage_root).uri(
+            RunLayout(p.run_name).final_model(Stage1Steps.TRAIN_SFT.step)
+        )
+        io = p.step_io(StepRef(CHECKPOINTS, p.train_step), p.dataset)
+        return train_model_task(io, "dpo", base_model, p.dpo, p.execution)

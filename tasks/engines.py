@@ -20,6 +20,7 @@ from avr_core.devices import visible_cuda_devices
 from avr_core.engines import load_generator, load_reward_model
 from avr_core.engines.base import Generator, RewardModel
 from avr_core.models import resolve_model_dir
+from avr_core.rootfs import StorageRetry
 from avr_core.settings import AvrSettings
 from avr_core.storage import DatasetStore
 
@@ -57,15 +58,19 @@ def settings() -> AvrSettings:
 
 
 def open_store(root: str, config: AvrSettings | None = None) -> DatasetStore:
-    """The dataset store at `root`, with the settings' storage options."""
-    return DatasetStore(root, (config or settings()).storage_options)
+    """The dataset store at `root`, with the settings' storage options and retry budget."""
+    config = config or settings()
+    retry = StorageRetry(max_elapsed_s=config.storage_retry_seconds)
+    return DatasetStore(root, config.storage_options, retry)
 
 
 def local_model_dir(spec: ModelSpec, config: AvrSettings) -> Path | None:
     """The local directory of a model with weights (bundled, local, or fetched from storage)."""
     if isinstance(spec, OpenAIModel | RulesModel):
         return None  # served elsewhere, or no weights at all
-    return resolve_model_dir(spec.path, config.storage_options, config.cache_dir)
+    return resolve_model_dir(
+        spec.path, config.storage_options, config.cache_dir, config.model_cache_bytes
+    )
 
 
 def open_generator(spec: ModelSpec, execution: ExecutionConfig) -> Generator:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import re
 import subprocess
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -18,9 +19,11 @@ from typing import Any
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 from pydantic import BaseModel
 
 from avr_core.layout import RunLayout, StepRef
+from avr_core.lease import RunLease, RunLeaseLostError
 from avr_core.reporting import markdown_table, render_step_markdown
 from avr_core.results import StepResult, TrainResult
 from avr_core.storage import DatasetStore
@@ -28,7 +31,9 @@ from tasks.engines import open_store, settings
 
 __all__ = [
     "artifact_key",
+    "check_run_lease",
     "code_version",
+    "hold_run",
     "publish_step_report",
     "publish_training_report",
     "record_run_start",
@@ -122,6 +127,47 @@ def start_run_task(storage_root: str, run: str, flow_name: str, config: BaseMode
     store.check_reachable()
     record_run_start(store, run, flow_name, config)
     return store.uri(RunLayout(run).run_record)
+
+
+# Leases this process holds, by (storage root, run): steps check theirs between shards.
+_HELD: dict[tuple[str, str], RunLease] = {}
+
+
+def check_run_lease(storage_root: str, run: str) -> None:
+    """Raise `RunLeaseLostError` if this process held the run's lease and lost it.
+
+    A holder presumed dead (no heartbeat for the stale time) whose lease another run took over
+    must stop writing at the next shard instead of interleaving with the new holder.
+    """
+    lease = _HELD.get((storage_root, run))
+    if lease is not None and lease.lost:
+        raise RunLeaseLostError(lease.lost)
+
+
+@contextlib.contextmanager
+def hold_run(storage_root: str, run: str, flow_name: str) -> Iterator[RunLease]:
+    """Hold the run's lease (one writer per run) for the body of a flow.
+
+    A second flow writing the same run name fails here, before it writes anything, naming the
+    holder; the lease is renewed in the background and released when the body ends.
+    """
+    config = settings()
+    store = open_store(storage_root, config)
+    lease = RunLease(
+        store.files,
+        run,
+        flow_name,
+        flow_run_id=flow_run.get_id(),
+        stale_after_s=config.lease_stale_seconds,
+        heartbeat_s=config.lease_heartbeat_seconds,
+    )
+    key = (store.root, run)
+    with lease:
+        _HELD[key] = lease
+        try:
+            yield lease
+        finally:
+            _HELD.pop(key, None)
 
 
 def record_step(

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from avr_core.results import StepResult
 from avr_core.steps import ShardCompute, ShardEvent, StepPlan, run_step
 from tasks.engines import LazyEngine
-from tasks.runlog import publish_step_report, record_step
+from tasks.runlog import check_run_lease, publish_step_report, record_step
 
 __all__ = ["execute_plan"]
 
@@ -46,6 +46,8 @@ def execute_plan(
 
     def progress(event: ShardEvent) -> None:
         bar.update(1)
+        # Stop at the next shard if another run took this run's lease over.
+        check_run_lease(plan.store.root, plan.run)
         if event.error is not None:
             logger.error("%s shard %d failed: %s", event.target, event.index, event.error)
             return

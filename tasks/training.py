@@ -16,7 +16,6 @@ from prefect.cache_policies import NO_CACHE
 from avr_core.checkpoints import model_revision
 from avr_core.config import ExecutionConfig, TrainingConfig
 from avr_core.devices import visible_cuda_devices
-from avr_core.fingerprint import short_hash
 from avr_core.layout import RunLayout
 from avr_core.results import TrainResult
 from avr_core.steps import StepIO, require_manifest
@@ -56,7 +55,6 @@ def train_model_task(
         kind=kind,
         base_model=base_model,
         store_root=store.root,
-        storage_options=config.storage_options,
         cache_dir=str(config.cache_dir),
         run=run,
         dataset_stage=dataset[0],
@@ -64,8 +62,7 @@ def train_model_task(
         train_step=train_step,
         training=training,
         device=execution.device,
-        # Stable per (root, run, step): a retry on this worker reuses the trainer's scratch.
-        work_dir=str(config.cache_dir / "train-work" / short_hash(store.root) / run / train_step),
+        work_dir="",  # claimed per attempt by run_training_subprocess under work_root
     )
     logger.info(
         "training %s (%s) on %d rows of %s", train_step, kind, manifest.total_rows, dataset_uri
@@ -75,7 +72,12 @@ def train_model_task(
     started = time.perf_counter()
     # Training runs after the engine of the step before was closed; it takes the GPU slot too.
     with gpu_slot(None, execution):
-        final_uri = run_training_subprocess(job, gpus)
+        final_uri = run_training_subprocess(
+            job,
+            gpus,
+            storage_options=config.storage_options,
+            work_root=config.cache_dir / "train-work",
+        )
     seconds = time.perf_counter() - started
     result = TrainResult(
         train_step=train_step,

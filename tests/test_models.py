@@ -11,11 +11,14 @@ from pathlib import Path
 import fsspec
 import pytest
 
+from avr_core.checkpoints import upload_dir, verify_synced_dir
 from avr_core.models import (
     TINY_MODEL,
+    ModelCorruptError,
     ModelNotFoundError,
     resolve_model_dir,
 )
+from avr_core.rootfs import RootFS
 
 REPO_ROOT = Path(__file__).parent.parent
 
@@ -31,7 +34,7 @@ def test_resolve_model_dir_errors_clearly_for_missing_models(tmp_path: Path) -> 
     assert resolve_model_dir(f"file://{tmp_path}") == tmp_path
 
 
-def test_storage_models_are_copied_once_into_the_given_cache(tmp_path: Path) -> None:
+def test_storage_models_are_cached_by_revision_not_by_uri(tmp_path: Path) -> None:
     fs = fsspec.filesystem("memory")
     uri = "memory://avr-tests/models/tiny-copy"
     fs.pipe({f"{uri}/config.json": b"{}", f"{uri}/sub/weights.bin": b"abc"})
@@ -40,11 +43,110 @@ def test_storage_models_are_copied_once_into_the_given_cache(tmp_path: Path) -> 
         assert local.parent == tmp_path / "cache" / "remote-models"
         assert (local / "config.json").read_bytes() == b"{}"
         assert (local / "sub" / "weights.bin").read_bytes() == b"abc"
-        fs.pipe(f"{uri}/config.json", b"changed")  # a second call reuses the published copy
-        assert resolve_model_dir(uri, cache_dir=tmp_path / "cache") == local
-        assert (local / "config.json").read_bytes() == b"{}"
+        assert resolve_model_dir(uri, cache_dir=tmp_path / "cache") == local  # reused
+        # Another model at the same URI: the old weights must not be used under its name.
+        fs.pipe(f"{uri}/config.json", b'{"changed": 1}')
+        changed = resolve_model_dir(uri, cache_dir=tmp_path / "cache")
+        assert changed != local
+        assert (changed / "config.json").read_bytes() == b'{"changed": 1}'
     finally:
         fs.rm("memory://avr-tests/models", recursive=True)
+
+
+def _trained_model(root: Path, weights: bytes) -> str:
+    """A model directory uploaded the way training uploads its final model; returns its URI."""
+    local = root.parent / f"local-{len(weights)}-{weights[:4].hex()}"
+    local.mkdir(parents=True, exist_ok=True)
+    (local / "config.json").write_text("{}")
+    (local / "model.safetensors").write_bytes(weights)
+    files = RootFS(f"file://{root}")
+    upload_dir(files, local, "runs/r/checkpoints/stage1_sft/final")
+    files.write_json("runs/r/checkpoints/stage1_sft/_complete.json", {"fingerprint": "f"})
+    return files.uri("runs/r/checkpoints/stage1_sft/final")
+
+
+def test_a_damaged_trained_model_is_refused_by_name_and_marked_for_retraining(
+    tmp_path: Path,
+) -> None:
+    uri = _trained_model(tmp_path / "store", b"0123456789")
+    assert resolve_model_dir(uri) == Path(uri.removeprefix("file://"))
+    weights = Path(uri.removeprefix("file://")) / "model.safetensors"
+    weights.write_bytes(b"0123456788")  # same size: only the hash can tell
+    with pytest.raises(ModelCorruptError, match=rf"model {uri}: model.safetensors changed"):
+        resolve_model_dir(uri)
+    checkpoints = weights.parent.parent
+    assert not (checkpoints / "_complete.json").exists()
+    assert list(checkpoints.glob("_complete.invalid-*.json"))
+
+
+def test_verify_synced_dir_checks_sizes_from_a_listing_and_hashes_on_request(
+    tmp_path: Path,
+) -> None:
+    uri = _trained_model(tmp_path / "store", b"weights-v1")
+    files = RootFS(f"file://{tmp_path / 'store'}")
+    final = "runs/r/checkpoints/stage1_sft/final"
+    assert verify_synced_dir(files, final, check_hashes=True) == []
+    weights = Path(uri.removeprefix("file://")) / "model.safetensors"
+    weights.write_bytes(b"weights-v2")
+    assert verify_synced_dir(files, final, check_hashes=False) == []
+    assert verify_synced_dir(files, final, check_hashes=True) == [
+        "model.safetensors changed since it was uploaded (sha256 differs)"
+    ]
+    weights.write_bytes(b"weights")
+    assert verify_synced_dir(files, final, check_hashes=False) == [
+        "model.safetensors has 7 bytes, 10 were uploaded"
+    ]
+
+
+def test_a_trained_model_in_object_storage_is_fetched_per_revision_and_verified(
+    tmp_path: Path,
+) -> None:
+    files = RootFS("memory://avr-tests/store")
+    local = tmp_path / "final"
+    local.mkdir()
+    (local / "model.safetensors").write_bytes(b"v1-weights")
+    final = "runs/r/checkpoints/stage1_sft/final"
+    try:
+        upload_dir(files, local, final)
+        files.write_json("runs/r/checkpoints/stage1_sft/_complete.json", {"fingerprint": "f"})
+        uri = files.uri(final)
+        first = resolve_model_dir(uri, cache_dir=tmp_path / "cache")
+        assert (first / "model.safetensors").read_bytes() == b"v1-weights"
+        # Retrained under the same URI: a new sync marker, so a new cache entry.
+        (local / "model.safetensors").write_bytes(b"v2-weights")
+        upload_dir(files, local, final)
+        second = resolve_model_dir(uri, cache_dir=tmp_path / "cache")
+        assert second != first
+        assert (second / "model.safetensors").read_bytes() == b"v2-weights"
+        # Damaged in storage: a fresh cache refuses it, naming the model.
+        files.write_bytes(f"{final}/model.safetensors", b"v2-weightZ")
+        with pytest.raises(ModelCorruptError, match=f"model {uri}"):
+            resolve_model_dir(uri, cache_dir=tmp_path / "fresh-cache")
+        assert files.read_json("runs/r/checkpoints/stage1_sft/_complete.json") is None
+    finally:
+        fsspec.filesystem("memory").rm("memory://avr-tests/store", recursive=True)
+
+
+def test_the_remote_model_cache_evicts_least_recently_used_beyond_its_budget(
+    tmp_path: Path,
+) -> None:
+    fs = fsspec.filesystem("memory")
+    cache = tmp_path / "cache"
+    uris = [f"memory://avr-tests/lru/m{i}" for i in range(3)]
+    try:
+        for uri in uris:
+            fs.pipe({f"{uri}/weights.bin": b"x" * 1000})
+        first = resolve_model_dir(uris[0], cache_dir=cache, cache_budget_bytes=2500)
+        second = resolve_model_dir(uris[1], cache_dir=cache, cache_budget_bytes=2500)
+        os.utime(first / ".avr-last-used", (1, 1))
+        os.utime(second / ".avr-last-used", (2, 2))
+        third = resolve_model_dir(uris[2], cache_dir=cache, cache_budget_bytes=2500)
+        assert not first.exists()  # the least recently used one went
+        assert second.exists() and third.exists()
+        assert resolve_model_dir(uris[0], cache_dir=cache, cache_budget_bytes=2500).exists()
+        assert not second.exists()
+    finally:
+        fs.rm("memory://avr-tests/lru", recursive=True)
 
 
 def _assert_plain_trainable_checkpoint(model_dir: Path) -> None:

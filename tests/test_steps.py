@@ -473,6 +473,18 @@ def test_a_recomputed_upstream_shard_re_derives_only_the_shards_that_read_it(
     assert ids == ["p0", "p1", "p10", "p11", "p4", "p5"]
 
 
+def test_an_upstream_shard_recomputed_with_the_same_rows_re_derives_nothing(
+    store: DatasetStore,
+) -> None:
+    shards = write_prompts(store, count=4, shard_size=2)
+    run_step(plan_target(store), EchoCompute())
+    Path(store.files.path(store.shard_uri(RUN, *PROMPTS, 0))).unlink()
+    plan = plan_step(store, RUN, PROMPTS, PromptRecord, {"step": "prompts"}, shard_count=2)
+    # Same rows, other statistics in the footer: other file bytes, same rows digest.
+    run_step(plan, lambda index, _: ShardOutput(shards[index], ShardStats(counts={"x": 1})))
+    assert plan_target(store).pending == []
+
+
 def test_a_source_shard_changed_after_planning_fails_that_shard(store: DatasetStore) -> None:
     write_prompts(store, count=4, shard_size=2)
     plan = plan_target(store)

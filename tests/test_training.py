@@ -10,6 +10,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -240,7 +243,8 @@ def _probe(model_dir: str | Path) -> torch.Tensor:
     from safetensors import safe_open
 
     with safe_open(str(Path(model_dir) / "model.safetensors"), framework="pt") as handle:
-        return handle.get_tensor(PROBE_PARAMETER)
+        # A copy: a tensor mapped from the file would fault if a test then damages the file.
+        return handle.get_tensor(PROBE_PARAMETER).clone()
 
 
 def _local(uri: str) -> Path:
@@ -283,6 +287,18 @@ def test_sft_changes_weights_and_rerun_is_idempotent(store_root, tmp_path):
     assert again["final_uri"] == final_uri
     assert _complete_marker(final_uri) == marker
     assert not (tmp_path / "elsewhere").exists()
+    assert "model.safetensors" in marker["files"] and marker["revision"]
+
+    # The final model truncated in storage: the marker is not trusted; the job resumes from its
+    # last checkpoint (step 2 = the end) and uploads a whole model again.
+    weights = _local(final_uri) / "model.safetensors"
+    head = weights.read_bytes()[:4096]
+    weights.unlink()  # a new file: tensors mapped from the old one stay valid
+    weights.write_bytes(head)
+    rebuilt = train(job.model_copy(update={"work_dir": str(tmp_path / "third")}))
+    assert rebuilt["resumed_from_step"] == 2
+    assert torch.equal(_probe(_local(final_uri)), after)
+    assert list(checkpoints.glob("_complete.invalid-*.json"))
 
     # The training set regenerated under the same step: the stored model is not passed off as
     # trained on it.
@@ -359,6 +375,66 @@ def test_subprocess_failure_reports_the_error(tmp_path):
     with pytest.raises(TrainingFailedError, match="exited with code") as info:
         run_training_subprocess(job, num_gpus=0)
     assert "rsft" in str(info.value)
+
+
+_FAKE_CHILD = """
+import json, os, shutil, stat, sys
+job_path, result_path, out = sys.argv[1], sys.argv[2], sys.argv[3]
+shutil.copy(job_path, os.path.join(out, "job.json"))
+with open(os.path.join(out, "seen.json"), "w") as handle:
+    json.dump({"mode": stat.S_IMODE(os.stat(job_path).st_mode),
+               "dir_mode": stat.S_IMODE(os.stat(os.path.dirname(job_path)).st_mode),
+               "options": os.environ["AVR_STORAGE_OPTIONS"],
+               "work_dir": json.load(open(job_path))["work_dir"]}, handle)
+json.dump({"final_uri": "file:///final"}, open(result_path, "w"))
+"""
+
+
+def test_credentials_reach_the_trainer_through_its_environment_never_its_job_file(
+    tmp_path, monkeypatch
+):
+    import tempfile
+
+    from avr_core import training as training_module
+    from avr_core.workdirs import ProcessIdentity
+
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(
+        training_module,
+        "training_command",
+        lambda job, result, gpus: [sys.executable, "-c", _FAKE_CHILD, job, result, str(out)],
+    )
+    # Left behind by a trainer killed with -9: its owner is a process that no longer exists.
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    stale = tmp_path / "tmp" / "avr-train-stale"
+    stale.mkdir()
+    (stale / "job.json").write_text('{"secret": "old"}')
+    owner = ProcessIdentity(host=socket.gethostname(), pid=int(dead.stdout), pid_started="0")
+    (stale / ".avr-owner.json").write_text(owner.model_dump_json())
+    work_root = tmp_path / "work"
+
+    job = _job("sft", f"file://{tmp_path / 'store'}", Path(""), TrainingConfig())
+    secret = {"key": "AKIA-TEST", "secret": "s3cr3t-value"}
+    assert run_training_subprocess(job, 0, storage_options=secret, work_root=work_root) == (
+        "file:///final"
+    )
+
+    seen = json.loads((out / "seen.json").read_text())
+    assert json.loads(seen["options"]) == secret
+    assert seen["mode"] == 0o600 and seen["dir_mode"] == 0o700
+    assert "s3cr3t" not in (out / "job.json").read_text()
+    assert Path(seen["work_dir"]).parent == work_root  # unique scratch per attempt
+    assert not stale.exists(), "a dead trainer's job directory is removed"
+    assert not list((tmp_path / "tmp").glob("avr-train-*")), "and this one's after it ends"
+    assert not Path(seen["work_dir"]).exists()
 
 
 def test_dpo_loss_types_are_checked_when_the_config_is_built():
