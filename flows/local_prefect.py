@@ -50,6 +50,7 @@ __all__ = [
     "temporary_api",
 ]
 
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt: the same cleanup runs
     (`avr run` and `avr demo` then exit with 128 + SIGTERM = 143, `avr ui` with 0)."""

@@ -148,6 +148,14 @@ def _engine_processes() -> set[int]:
     return pids
 
 
+def engine_core_processes(generator: VLLMGenerator) -> list[psutil.Process]:
+    """The engine-core processes behind a generator's current engine (to kill, as a crash does)."""
+    # Where vLLM 0.32 keeps them: LLM -> LLMEngine -> SyncMPClient -> CoreEngineProcManager.
+    llm = generator._engine.llm
+    manager = llm.llm_engine.engine_core.resources.engine_manager
+    return [psutil.Process(process.pid) for process in manager.processes]
+
+
 @pytest.fixture(scope="session")
 def vllm_reward_model(vllm_device: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     """The tiny Bradley-Terry reward model on vLLM's pooling runner.

