@@ -12,6 +12,7 @@ refuses connections for the given number of seconds mid-run. Usage:
 from __future__ import annotations
 
 import argparse
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -42,6 +43,7 @@ def _outage_trial(seconds: float, size: PipelineSize, work: Path, reference: dic
     from tests.faults.tcp_proxy import TcpProxy
 
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request access log
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -49,7 +51,9 @@ def _outage_trial(seconds: float, size: PipelineSize, work: Path, reference: dic
     server.start()
     try:
         options = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "k", "secret": "s"}
-        s3fs.S3FileSystem(skip_instance_cache=True, **options).mkdir("avr-bench")
+        fs = s3fs.S3FileSystem(skip_instance_cache=True, **options)
+        if not fs.exists("avr-bench"):  # moto keeps its state across servers in one process
+            fs.mkdir("avr-bench")
         root = f"s3://avr-bench/{uuid.uuid4().hex[:8]}"
         with TcpProxy(port) as proxy:
             env = pipeline_env({**options, "endpoint_url": proxy.url})
