@@ -27,7 +27,6 @@ import json
 import os
 import shutil
 import tempfile
-import uuid
 from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
@@ -45,6 +44,7 @@ from avr_core.checkpoints import (
 )
 from avr_core.rootfs import RootFS, StorageError
 from avr_core.settings import default_cache_dir
+from avr_core.workdirs import discard_dir
 
 __all__ = [
     "DEFAULT_CACHE_BUDGET_BYTES",
@@ -317,12 +317,8 @@ def prune_model_cache(cache: Path, budget_bytes: int, keep: Path | None = None) 
             break
         if keep is not None and entry.resolve() == keep.resolve():
             continue
-        doomed = entry.with_name(f".evicted-{entry.name}-{uuid.uuid4().hex[:8]}")
-        try:
-            os.replace(entry, doomed)
-        except OSError:
+        if not discard_dir(entry):
             continue
-        shutil.rmtree(doomed, ignore_errors=True)
         total -= sizes[entry]
         evicted.append(entry)
     return evicted

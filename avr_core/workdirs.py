@@ -25,6 +25,7 @@ __all__ = [
     "ProcessIdentity",
     "claim_dir",
     "current_process",
+    "discard_dir",
     "process_is_alive",
     "remove_abandoned_dirs",
 ]
@@ -96,6 +97,21 @@ def _owner_of(directory: Path) -> ProcessIdentity | None:
         return None
 
 
+def discard_dir(directory: Path) -> bool:
+    """Remove a directory that others may be looking at: renamed away first, then deleted.
+
+    A half-deleted directory must never look like a whole one (a live scratch, a cached model).
+    False if it could not be moved (already gone, or taken by someone else).
+    """
+    doomed = directory.with_name(f".discarded-{directory.name}-{uuid.uuid4().hex[:8]}")
+    try:
+        os.replace(directory, doomed)
+    except OSError:
+        return False
+    shutil.rmtree(doomed, ignore_errors=True)
+    return True
+
+
 def remove_abandoned_dirs(parent: Path, prefix: str) -> list[Path]:
     """Remove `parent/{prefix}*` directories whose owner process is gone; returns them.
 
@@ -117,13 +133,8 @@ def remove_abandoned_dirs(parent: Path, prefix: str) -> list[Path]:
                 continue
         elif process_is_alive(owner) is not False:
             continue
-        # Rename first: a half-deleted directory must never look like a live one's scratch.
-        doomed = directory.with_name(f".removing-{directory.name}")
-        try:
-            os.replace(directory, doomed)
-        except OSError:
+        if not discard_dir(directory):
             continue
-        shutil.rmtree(doomed, ignore_errors=True)
         removed.append(directory)
         logger.info("removed abandoned %s (owner %s)", directory, owner or "unknown")
     return removed
