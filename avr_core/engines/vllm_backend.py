@@ -309,6 +309,22 @@ class _Engine:
         self._llm: Any = start()
         self._closed = False
 
+    @classmethod
+    def for_spec(
+        cls,
+        spec: VLLMModel,
+        execution: ExecutionConfig,
+        runner: str,
+        model_dir: Path | None,
+        cpu_kv_cache_gib: float,
+        cpu_threads_bind: str | None,
+    ) -> _Engine:
+        """The engine of `spec` for `runner` ("generate" or "pooling"), started now."""
+        start = partial(
+            _start_engine, spec, execution, runner, model_dir, cpu_kv_cache_gib, cpu_threads_bind
+        )
+        return cls(spec.model_id, start)
+
     @property
     def llm(self) -> Any:
         """The running engine (restarted here when the last one died)."""
@@ -369,17 +385,8 @@ class VLLMGenerator:
         cpu_threads_bind: str | None = None,
     ) -> None:
         self.model_id = spec.model_id
-        self._engine = _Engine(
-            self.model_id,
-            partial(
-                _start_engine,
-                spec,
-                execution,
-                "generate",
-                model_dir,
-                cpu_kv_cache_gib,
-                cpu_threads_bind,
-            ),
+        self._engine = _Engine.for_spec(
+            spec, execution, "generate", model_dir, cpu_kv_cache_gib, cpu_threads_bind
         )
 
     def chat(self, conversations: list[Conversation], sampling: Sampling) -> list[list[str]]:
@@ -419,17 +426,8 @@ class VLLMRewardModel:
         cpu_threads_bind: str | None = None,
     ) -> None:
         self.model_id = spec.model_id
-        self._engine = _Engine(
-            self.model_id,
-            partial(
-                _start_engine,
-                spec,
-                execution,
-                "pooling",
-                model_dir,
-                cpu_kv_cache_gib,
-                cpu_threads_bind,
-            ),
+        self._engine = _Engine.for_spec(
+            spec, execution, "pooling", model_dir, cpu_kv_cache_gib, cpu_threads_bind
         )
         # The same model on every restart: its tokenizer and length limit are read once.
         self._tokenizer = self._engine.llm.get_tokenizer()

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from avr_core.storage import DatasetStore
+from avr_core.storage import META_CONTENT, DatasetStore
 from tests.faults.pipeline import STEPS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -134,7 +134,7 @@ def _footer_ok(path: Path) -> bool:
         metadata = pq.read_metadata(path).metadata or {}
     except Exception:  # noqa: BLE001 - a torn file is simply not committed
         return False
-    return b"avr.content_sha256" in metadata
+    return META_CONTENT in metadata
 
 
 @dataclass
