@@ -21,13 +21,16 @@ from avr_core.schemas import (
     Round,
 )
 from avr_core.selection import (
+    KEPT,
     assemble_trajectory,
     build_length_controlled_pair,
     build_preference_pairs,
     is_degenerate,
+    length_controlled_outcome,
     original_sft_example,
     pick_round_winner,
     select_refinement_sft,
+    trajectory_outcome,
 )
 from avr_core.templates import (
     BUNDLED_TEMPLATE_DIR,
@@ -82,14 +85,18 @@ def make_tree(
         ("word " * 59, False),
         ("word " * 60, True),
         ("Word WORD word " * 20, True),  # words compare case-insensitively
-        ("the-" * 60, True),  # words are letter runs: punctuation splits them
-        ("!!! " * 60, True),  # a symbol run
-        ("42 " * 60, True),  # a digit run
-        ("a42b " * 60, True),  # letters and digits are separate runs
-        ("!! !!! " * 40, False),  # "!!" and "!!!" are different runs, 40 each
-        ("_ " * 60, True),  # underscore is a symbol, not a letter
+        ("the-" * 60, True),  # punctuation splits words (and "-" is a symbol run 60 times)
+        # DESIGN deletes the spaces before taking symbol runs, so "!!! " * 60 is one run of 180
+        # "!" (it was 60 runs of "!!!" when runs were split at whitespace).
+        ("!!! " * 60, False),
+        ("a! " * 60, True),  # the word "a", and the symbol run "!" once spaces are deleted
+        ("42 " * 60, True),  # digits are word characters: the word "42"
+        ("a42b " * 60, True),  # letters and digits form one word
+        ("!! !!! " * 40, False),  # one run once spaces are deleted
+        ("_ " * 60, True),  # underscore is a word character: the word "_"
         ("день " * 60, True),  # any script's letters form words
-        (" ".join(f"w{i}" for i in range(60)), True),  # "w0 w1 ...": the word "w" 60 times
+        # DESIGN: "x0" and "x1" are different words (this used to count the word "w" 60 times).
+        (" ".join(f"w{i}" for i in range(60)), False),
         (" ".join(f"w{i}" for i in range(59)), False),
         ("", False),
     ],
@@ -106,9 +113,48 @@ def test_is_degenerate_threshold_is_configurable():
 
 
 def test_digit_runs_are_maximal():
-    # "1234" is one run, so 30 copies of "12 34" and 30 of "1234" give no run 60 times.
+    # "12", "34" and "1234" are different words, so 30 copies of each give no word 60 times.
     assert not is_degenerate("12 34 1234 " * 30)
     assert is_degenerate("12 34 1234 " * 60)
+
+
+def _table(rows: int) -> str:
+    header = "| name | size | note |\n|------|------|------|\n"
+    return header + "".join(f"| a{i} | b{i} | c{i} |\n" for i in range(rows))
+
+
+# 30 sentences, 60 times "的" and 0 spaces; the reference's single-character count flags it.
+_CHINESE = "".join(f"第{i}个例子说明了我们的方法和它的结果。" for i in range(30))
+# 6 sentences of 12 words, 71 spaces; single characters again would flag it.
+_CYRILLIC = " ".join(
+    f"Сегодня {day} мы снова обсуждали новые книги, старые фильмы и далёкие путешествия."
+    for day in ("утром", "днём", "вечером", "ночью", "рано", "поздно")
+)
+# 60 distinct words with "!!!!\n" after each: no word repeats, the run "!!!!\n" occurs 60 times.
+_SYMBOL_LOOP = "".join(f"{a}{b}!!!!\n" for a in "abcdefghij" for b in "klmnop")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # 20 rows of 3 cells: each cell word once; the runs start with the cell's digits ("0|",
+        # "0|\n|"), so no run repeats (runs split at spaces would count "|" 80 times).
+        (_table(20), False),
+        (" ".join(f"x{i}" for i in range(60)), False),  # 60 different words
+        ("the " * 60, True),
+        (_CHINESE, False),
+        (_CYRILLIC, False),
+        (_SYMBOL_LOOP, True),
+        # Spaces are deleted but newlines are not, so the whole text is ONE run of "!" and "\n",
+        # found once: DESIGN's rule does not flag a loop made of symbols and whitespace only.
+        ("!!!!\n" * 60, False),
+    ],
+)
+def test_degenerate_tokens_follow_the_reference(text: str, expected: bool):
+    """DESIGN section 5: words are lower-cased `\\w+` tokens in every script; symbol runs are the
+    `[\\d\\W]+` runs of the text without its spaces. A markdown table, "x0 x1 ..." and long
+    non-Latin prose are ordinary text."""
+    assert is_degenerate(text) is expected
 
 
 # ---------------------------------------------------------------------------- RSFT
@@ -406,6 +452,44 @@ def test_no_refinement_pair_when_hi_is_degenerate():
     assert pairs[0].chosen == [assistant("top")]
 
 
+def test_critiques_with_identical_text_are_one_critique():
+    # Apart, the two "same" critiques would be best_c (3.0) and worst_c (-2.0): a critique pair
+    # "same" vs "same". Pooled, "same" is worth 0.5 and loses to "other" (1.0).
+    tree = make_tree(
+        0.0,
+        [("same", [("a", 3.0)]), ("other", [("b", 1.0)]), ("same", [("c", -2.0)])],
+    )
+    _, critique = build_preference_pairs(tree, CFG, TEMPLATES)
+    assert critique.chosen == [assistant("other")]
+    assert critique.rejected == [assistant("same")]
+    assert (critique.chosen_score, critique.rejected_score) == (1.0, 0.5)
+
+    # Pooled, the best critique has two refinements, so it also gets a refinement pair.
+    tree = make_tree(
+        0.0,
+        [("same", [("a", 3.0)]), ("other", [("b", -1.0)]), ("same", [("c", 1.0)])],
+    )
+    *_, refinement = build_preference_pairs(tree, CFG, TEMPLATES)
+    assert refinement.prompt[-2] == assistant("same")
+    assert (refinement.chosen, refinement.rejected) == ([assistant("a")], [assistant("c")])
+
+
+def test_no_pair_has_chosen_equal_to_rejected():
+    # The best refinement repeats the answer, and the best critique's hi and lo are one text:
+    # the generation and refinement pairs would prefer a text to itself, so only the critique
+    # pair is left.
+    tree = make_tree(
+        0.0,
+        [("good", [("the answer", 3.0), ("the answer", 1.0)]), ("poor", [("x", -1.0)])],
+    )
+    pairs = build_preference_pairs(tree, CFG, TEMPLATES)
+    assert kinds(pairs) == ["critique"]
+    assert pairs[0].chosen != pairs[0].rejected
+    # The same response sampled twice and scored differently makes no length-controlled pair.
+    sample = make_cot(0.0, [("same", "a", 2.0), ("same", "a", 1.0)])
+    assert build_length_controlled_pair(sample, CFG) is None
+
+
 def test_degenerate_threshold_comes_from_config():
     tree = make_tree(0.0, [("c", [("yes yes yes", 3.0)]), ("d", [("x", 1.0)])])
     assert build_preference_pairs(tree, CFG, TEMPLATES) != []
@@ -446,10 +530,10 @@ def make_round(answer: str, critiques: list[Critique], best: tuple[int, int] | N
     return Round(answer=answer, critiques=critiques, best=best, best_score=score)
 
 
-def make_search(rounds: list[Round]) -> GreedySearch:
+def make_search(rounds: list[Round], initial: str = "INITIAL") -> GreedySearch:
     return GreedySearch(
         prompt_id="p2",
-        messages=[*PROMPT, assistant("INITIAL")],
+        messages=[*PROMPT, assistant(initial)],
         initial_score=0.0,
         rounds=rounds,
         lineage=LINEAGE,
@@ -477,7 +561,7 @@ def two_improving_rounds(final_text: str = "SECOND") -> list[Round]:
 
 def test_trajectory_layout():
     search = make_search(two_improving_rounds())
-    example = assemble_trajectory(search, TEMPLATES)
+    example = assemble_trajectory(search, TEMPLATES, CFG)
     assert example.kind == "trajectory"
     assert example.prompt_id == "p2"
     assert example.lineage == LINEAGE
@@ -495,44 +579,78 @@ def test_trajectory_layout():
 
 def test_trajectory_final_answer_reads_back_exactly():
     final = "Line one.\n\n- item\n- item [[9]]"
-    example = assemble_trajectory(make_search(two_improving_rounds(final)), TEMPLATES)
+    example = assemble_trajectory(make_search(two_improving_rounds(final)), TEMPLATES, CFG)
     assert extract_final_answer(example.messages[-1].content) == final
 
 
 def test_trajectory_final_answer_is_stripped():
-    example = assemble_trajectory(make_search(two_improving_rounds("  padded \n")), TEMPLATES)
+    search = make_search(two_improving_rounds("  padded \n"))
+    example = assemble_trajectory(search, TEMPLATES, CFG)
     assert extract_final_answer(example.messages[-1].content) == "padded"
 
 
 @pytest.mark.parametrize("final", ["   ", f"see {FINAL_ANSWER_MARKER} here"])
 def test_trajectory_none_when_final_answer_cannot_be_read_back(final: str):
-    assert assemble_trajectory(make_search(two_improving_rounds(final)), TEMPLATES) is None
+    assert assemble_trajectory(make_search(two_improving_rounds(final)), TEMPLATES, CFG) is None
 
 
 def test_trajectory_none_without_rounds():
-    assert assemble_trajectory(make_search([]), TEMPLATES) is None
+    assert assemble_trajectory(make_search([]), TEMPLATES, CFG) is None
 
 
 def test_trajectory_none_when_no_round_improved():
     rounds = [make_round("INITIAL", [make_critique("c", [("r", -1.0)])], None)]
-    assert assemble_trajectory(make_search(rounds), TEMPLATES) is None
+    assert assemble_trajectory(make_search(rounds), TEMPLATES, CFG) is None
 
 
 def test_trajectory_none_when_last_round_improved():
     rounds = two_improving_rounds()[:2]
-    assert assemble_trajectory(make_search(rounds), TEMPLATES) is None
+    assert assemble_trajectory(make_search(rounds), TEMPLATES, CFG) is None
 
 
 def test_trajectory_none_when_closing_round_has_no_critique():
     rounds = [*two_improving_rounds()[:2], make_round("SECOND", [], None)]
-    assert assemble_trajectory(make_search(rounds), TEMPLATES) is None
+    assert assemble_trajectory(make_search(rounds), TEMPLATES, CFG) is None
+
+
+def test_trajectory_closing_critique_is_the_best_scoring_one():
+    rounds = two_improving_rounds()
+    closing = [
+        make_critique("CLOSING 0", [("w0", 0.5), ("w1", None)]),
+        make_critique("CLOSING 1", [("w2", math.nan), ("w3", 1.5)]),
+        make_critique("CLOSING 2", [("w4", 1.5)]),  # ties with CLOSING 1: the first one stays
+    ]
+    rounds[-1] = make_round("SECOND", closing, None)
+    text = assemble_trajectory(make_search(rounds), TEMPLATES, CFG).messages[-1].content
+    assert "CLOSING 1" in text
+    assert "CLOSING 0" not in text
+    assert "CLOSING 2" not in text
+
+
+@pytest.mark.parametrize(
+    "closing",
+    [
+        [make_critique("c", [("w", None)]), make_critique("d", [("v", math.nan)])],
+        [make_critique("c", [])],
+    ],
+)
+def test_trajectory_none_when_closing_round_has_no_scored_refinement(closing: list[Critique]):
+    rounds = [*two_improving_rounds()[:2], make_round("SECOND", closing, None)]
+    assert assemble_trajectory(make_search(rounds), TEMPLATES, CFG) is None
+
+
+def test_trajectory_none_when_initial_answer_is_degenerate():
+    search = make_search(two_improving_rounds(), initial=DEGENERATE)
+    assert assemble_trajectory(search, TEMPLATES, CFG) is None
+    strict = SelectionConfig(degenerate_repeat_threshold=1)  # "INITIAL" once is already too much
+    assert assemble_trajectory(make_search(two_improving_rounds()), TEMPLATES, strict) is None
 
 
 def test_trajectory_rejects_a_best_index_outside_the_round():
     rounds = two_improving_rounds()
     rounds[0] = Round(answer="INITIAL", critiques=rounds[0].critiques, best=(1, 5), best_score=1)
     with pytest.raises(ValueError, match=r"p2.*round 0"):
-        assemble_trajectory(make_search(rounds), TEMPLATES)
+        assemble_trajectory(make_search(rounds), TEMPLATES, CFG)
 
 
 def test_trajectory_template_without_marker_is_an_error(tmp_path: Path):
@@ -540,7 +658,7 @@ def test_trajectory_template_without_marker_is_an_error(tmp_path: Path):
     shutil.copytree(BUNDLED_TEMPLATE_DIR, custom)
     (custom / "trajectory.jinja").write_text("{{ initial_answer }} {{ final_answer }}")
     with pytest.raises(ValueError, match="trajectory.jinja"):
-        assemble_trajectory(make_search(two_improving_rounds()), load_templates(custom))
+        assemble_trajectory(make_search(two_improving_rounds()), load_templates(custom), CFG)
 
 
 def make_cot(reference: float | None, samples: list[tuple[str, str | None, float | None]]):
@@ -613,3 +731,35 @@ def test_length_controlled_pair_equal_final_lengths_are_kept():
 )
 def test_length_controlled_pair_none(reference, samples):
     assert build_length_controlled_pair(make_cot(reference, samples), CFG) is None
+
+
+@pytest.mark.parametrize(
+    ("samples", "reference", "why"),
+    [
+        ([("a", None, 1.0)], 0.0, "no_scored_final_answer"),
+        ([("a", "a", 1.0)], None, "reference_unscored"),
+        ([("a", "a", 1.0), ("b", "b", 0.5)], 1.0, "not_above_reference"),
+        ([("a", "a", 1.0), ("b", "b", 1.0)], 0.0, "no_score_spread"),
+        ([("a", "long", 2.0), ("b", "s", 1.0)], 0.0, "chosen_longer"),
+        ([("a", "s", 2.0), ("b", "long", 1.0)], 0.0, KEPT),
+    ],
+)
+def test_length_controlled_outcome_names_the_rule_that_dropped_a_sample(samples, reference, why):
+    pair, outcome = length_controlled_outcome(make_cot(reference, samples), CFG)
+    assert outcome == why
+    assert (pair is not None) == (why == KEPT)
+
+
+def test_trajectory_outcome_names_the_rule_that_dropped_a_search():
+    rounds = two_improving_rounds()
+    assert trajectory_outcome(make_search([]), TEMPLATES, CFG) == (None, "no_rounds")
+    assert trajectory_outcome(make_search(rounds[:2]), TEMPLATES, CFG)[1] == "last_round_improved"
+    unscored_close = [*rounds[:2], make_round("SECOND", [make_critique("C", [("w", None)])], None)]
+    assert trajectory_outcome(make_search(unscored_close), TEMPLATES, CFG)[1] == (
+        "closing_round_unscored"
+    )
+    assert trajectory_outcome(make_search(rounds[2:]), TEMPLATES, CFG)[1] == "no_improving_round"
+    degenerate = make_search(rounds, initial="the " * 60)
+    assert trajectory_outcome(degenerate, TEMPLATES, CFG)[1] == "degenerate_initial_answer"
+    example, outcome = trajectory_outcome(make_search(rounds), TEMPLATES, CFG)
+    assert outcome == KEPT and example == assemble_trajectory(make_search(rounds), TEMPLATES, CFG)

@@ -28,6 +28,7 @@ from avr_core.selection import (
     select_refinement_sft,
 )
 from avr_core.templates import (
+    BUNDLED_TEMPLATE_DIR,
     FINAL_ANSWER_MARKER,
     extract_final_answer,
     judge_request,
@@ -40,6 +41,8 @@ TEMPLATES = load_templates()
 PROMPT = [Message(role="system", content="Be brief."), Message(role="user", content="Why?")]
 DEGENERATE = "again " * CFG.degenerate_repeat_threshold
 PROPERTY_SETTINGS = settings(deadline=None, max_examples=300)
+# The line of trajectory.jinja that introduces the closing critique.
+CLOSING_REVIEW = "Let me review this draft once more."
 
 # A few repeated values make ties common; free floats cover everything else; None is rarer
 # than a number so that most trees reach the later pairs.
@@ -60,16 +63,43 @@ critiques = st.builds(
     text=st.one_of(texts, st.just(DEGENERATE)),  # degenerate critiques exercise the skip rules
     refinements=st.lists(refinements, min_size=0, max_size=4),
 )
-trees = st.builds(
-    lambda answer, answer_score, critiques: RefinementTree(
+
+
+def build_tree(
+    answer: str, answer_score: float | None, critiques: list[Critique]
+) -> RefinementTree:
+    return RefinementTree(
         prompt_id="p",
         messages=[*PROMPT, Message(role="assistant", content=answer)],
         answer_score=answer_score,
         critiques=critiques,
-    ),
+    )
+
+
+trees = st.builds(
+    build_tree,
     answer=texts,
     answer_score=st.one_of(st.none(), present_scores, present_scores, present_scores),
     critiques=st.lists(critiques, min_size=0, max_size=4),
+)
+
+# Texts from tiny alphabets, so that critiques share texts and refinements repeat each other or
+# the answer: every way for a pair to prefer a text to itself.
+few_texts = st.sampled_from(["x", "y", "z"])
+few_scores = st.one_of(st.none(), st.sampled_from([0.0, 1.0, 2.0]))
+few_refinements = st.builds(Refinement, text=few_texts, score=few_scores)
+duplicate_trees = st.builds(
+    build_tree,
+    answer=few_texts,
+    answer_score=st.sampled_from([0.0, 1.0]),
+    critiques=st.lists(
+        st.builds(
+            Critique,
+            text=st.sampled_from(["c", "d"]),
+            refinements=st.lists(few_refinements, max_size=3),
+        ),
+        max_size=4,
+    ),
 )
 
 
@@ -102,35 +132,42 @@ def assert_trl_conversational(pair: PreferencePair) -> None:
 @given(trees)
 def test_pairs_prefer_the_higher_score_and_follow_the_format(tree: RefinementTree):
     pairs = build_preference_pairs(tree, CFG, TEMPLATES)
-    assert [p.kind for p in pairs] in (
-        [],
-        ["generation"],
-        ["generation", "critique"],
-        ["generation", "refinement"],
-        ["generation", "critique", "refinement"],
-    )
+    # Each kind at most once, in order; any of them may be missing (a pair whose chosen equals
+    # its rejected is skipped on its own).
+    kinds = [p.kind for p in pairs]
+    assert kinds == [k for k in ("generation", "critique", "refinement") if k in kinds]
     for pair in pairs:
         assert pair.chosen_score > pair.rejected_score
         assert_trl_conversational(pair)
         assert not is_degenerate(pair.chosen[0].content)
         assert not is_degenerate(pair.rejected[0].content)
-    if pairs:
-        generation = pairs[0]
-        assert generation.prompt == PROMPT
-        assert generation.chosen_score == max(score for _, score, _ in scored(tree))
-        assert generation.rejected == [tree.messages[-1]]
-    for pair in pairs[1:]:
-        assert pair.prompt[: len(tree.messages) + 1] == [*tree.messages, judge_request(TEMPLATES)]
+        if pair.kind == "generation":
+            assert pair.prompt == PROMPT
+            assert pair.chosen_score == max(score for _, score, _ in scored(tree))
+            assert pair.rejected == [tree.messages[-1]]
+        else:
+            assert pair.prompt[: len(tree.messages) + 1] == [
+                *tree.messages,
+                judge_request(TEMPLATES),
+            ]
         if pair.kind == "refinement":
             assert pair.prompt[-1] == refine_request(TEMPLATES)
 
 
 @PROPERTY_SETTINGS
-@given(trees)
+@given(st.one_of(trees, duplicate_trees))
+def test_no_pair_prefers_a_text_to_itself(tree: RefinementTree):
+    for pair in build_preference_pairs(tree, CFG, TEMPLATES):
+        assert pair.chosen[0].content != pair.rejected[0].content
+
+
+@PROPERTY_SETTINGS
+@given(st.one_of(trees, duplicate_trees))
 def test_critique_pair_values_are_extreme_critique_means(tree: RefinementTree):
-    by_critique: dict[int, list[float]] = {}
+    # Critiques with the same text are one critique: their refinements are pooled.
+    by_critique: dict[str, list[float]] = {}
     for ci, score, _ in scored(tree):
-        by_critique.setdefault(ci, []).append(score)
+        by_critique.setdefault(tree.critiques[ci].text, []).append(score)
     means = [math.fsum(v) / len(v) for v in by_critique.values()]
     for pair in build_preference_pairs(tree, CFG, TEMPLATES):
         if pair.kind == "critique":
@@ -169,7 +206,8 @@ def test_round_winner_is_the_strictly_better_maximum(round_critiques, current):
 
 @st.composite
 def searches(draw) -> GreedySearch:
-    """A greedy search: some improving rounds, then maybe a closing non-improving one."""
+    """A greedy search: some improving rounds, then maybe a closing non-improving one (whose
+    refinements may all be unscored); the initial answer is sometimes degenerate."""
     rounds = []
     for _ in range(draw(st.integers(0, 3))):
         round_critiques = draw(st.lists(critiques, min_size=1, max_size=3))
@@ -180,18 +218,30 @@ def searches(draw) -> GreedySearch:
         rounds.append(Round(answer="x", critiques=round_critiques, best=(ci, ri), best_score=1.0))
     if draw(st.booleans()):
         rounds.append(Round(answer="x", critiques=draw(st.lists(critiques, max_size=3))))
+    initial = draw(st.sampled_from(["draft", "draft", DEGENERATE]))
     return GreedySearch(
-        prompt_id="s", messages=[*PROMPT, Message(role="assistant", content="draft")], rounds=rounds
+        prompt_id="s", messages=[*PROMPT, Message(role="assistant", content=initial)], rounds=rounds
     )
+
+
+def test_closing_review_is_the_bundled_template_line():
+    assert CLOSING_REVIEW in (BUNDLED_TEMPLATE_DIR / "trajectory.jinja").read_text()
 
 
 @PROPERTY_SETTINGS
 @given(searches())
 def test_trajectory_ends_with_a_readable_final_answer(search: GreedySearch):
-    example = assemble_trajectory(search, TEMPLATES)
+    example = assemble_trajectory(search, TEMPLATES, CFG)
     improving = [r for r in search.rounds if r.best is not None]
     closes = bool(search.rounds) and search.rounds[-1].best is None
-    if not improving or not closes or not search.rounds[-1].critiques:
+    # (score, critique text) of the closing round's refinements, in tree order
+    closing_scores = [
+        (r.score, c.text)
+        for c in (search.rounds[-1].critiques if closes else [])
+        for r in c.refinements
+        if r.score is not None
+    ]
+    if not improving or not closing_scores or is_degenerate(search.messages[-1].content):
         assert example is None
         return
     last = improving[-1]
@@ -201,7 +251,13 @@ def test_trajectory_ends_with_a_readable_final_answer(search: GreedySearch):
         return
     assert example.kind == "trajectory"
     assert example.messages[:-1] == PROMPT
-    assert extract_final_answer(example.messages[-1].content) == final
+    text = example.messages[-1].content
+    assert extract_final_answer(text) == final
+    assert text.count(CLOSING_REVIEW) == 1
+    # The closing critique is the one whose refinement scored best, the first on ties.
+    top = max(score for score, _ in closing_scores)
+    closing_critique = next(critique for score, critique in closing_scores if score == top)
+    assert text.split(CLOSING_REVIEW)[1].strip().startswith(closing_critique.strip())
 
 
 cot_samples = st.builds(
@@ -214,6 +270,31 @@ cot_samples = st.builds(
         max_size=5,
     ),
 )
+
+
+duplicate_cot_samples = st.builds(
+    lambda reference, samples: CoTSample(
+        prompt_id="c", prompt=PROMPT, reference_score=reference, samples=samples
+    ),
+    reference=st.sampled_from([0.0, 1.0]),
+    samples=st.lists(
+        st.builds(
+            CoTResponse,
+            response=few_texts,
+            final_answer=st.one_of(st.none(), few_texts),
+            score=few_scores,
+        ),
+        max_size=5,
+    ),
+)
+
+
+@PROPERTY_SETTINGS
+@given(st.one_of(cot_samples, duplicate_cot_samples))
+def test_length_controlled_pair_never_prefers_a_response_to_itself(sample: CoTSample):
+    pair = build_length_controlled_pair(sample, CFG)
+    if pair is not None:
+        assert pair.chosen[0].content != pair.rejected[0].content
 
 
 @PROPERTY_SETTINGS
