@@ -24,11 +24,13 @@ __all__ = [
     "DPO_LOSS_TYPES",
     "ExecutionConfig",
     "IngestConfig",
+    "LongResponseConfig",
     "ModelSpec",
     "NonBlank",
     "OpenAIModel",
     "RulesModel",
     "Sampling",
+    "SearchConfig",
     "SelectionConfig",
     "TrainingConfig",
     "TransformersModel",
@@ -187,6 +189,56 @@ class TreeConfig(_Strict):
     )
     max_format_retries: int = Field(
         5, ge=0, description="re-samples of a critique without a rating before it is dropped"
+    )
+
+
+class SearchConfig(_Strict):
+    """Stage II greedy recursive search: per prompt, rounds of x critiques x y refinements."""
+
+    x: int = Field(2, ge=1, description="critiques of the current answer per round (paper: 2)")
+    y: int = Field(2, ge=1, description="refinements per critique (paper: 2)")
+    max_rounds: int = Field(5, ge=1, description="rounds at most per prompt (paper: 5)")
+    sampling: Sampling = Field(
+        default_factory=lambda: Sampling(temperature=0.7, top_p=0.8, max_tokens=128, seed=0),
+        description="sampling of starting answers, critiques and refinements "
+        "(paper: T 0.7, top_p 0.8)",
+    )
+    require_rating: bool = Field(
+        False, description="re-sample critiques without a [[N]] rating, as in the trees"
+    )
+    max_format_retries: int = Field(
+        5, ge=0, description="re-samples of a critique without a rating before it is dropped"
+    )
+    start: Literal["policy", "reference"] = Field(
+        "policy",
+        description="starting answer: the policy's own answer, or the prompt row's reference "
+        "answer (`reference` column at ingest; a prompt without one fails its shard)",
+    )
+
+    def tree(self) -> TreeConfig:
+        """One round's critiques and refinements are a refinement tree's: same settings."""
+        return TreeConfig(
+            x=self.x,
+            y=self.y,
+            sampling=self.sampling,
+            require_rating=self.require_rating,
+            max_format_retries=self.max_format_retries,
+        )
+
+
+class LongResponseConfig(_Strict):
+    """Stage II sampling: k long "answer, criticise, improve ..., final answer" responses."""
+
+    k: int = Field(5, ge=2, description="responses sampled per prompt (paper: 5)")
+    sampling: Sampling = Field(
+        default_factory=lambda: Sampling(temperature=0.7, top_p=0.8, max_tokens=1024, seed=0),
+        description="sampling of the long responses; max_tokens must hold a whole trajectory",
+    )
+    max_format_retries: int = Field(
+        2,
+        ge=0,
+        description="re-samples of a response whose final answer does not parse (paper: 2); "
+        "still unparsed after them, it stays in the record without a score",
     )
 
 

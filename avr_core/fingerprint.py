@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from avr_core.config import IngestConfig, ModelSpec, SelectionConfig, TreeConfig
+from avr_core.config import (
+    IngestConfig,
+    LongResponseConfig,
+    ModelSpec,
+    SearchConfig,
+    SelectionConfig,
+    TreeConfig,
+)
 from avr_core.hashing import (
     canonical_json,
     config_fingerprint,
@@ -24,9 +31,11 @@ __all__ = [
     "file_sha256",
     "ingest_step_config",
     "json_default",
+    "long_response_step_config",
     "model_identity",
     "scored_trees_key",
     "scoring_step_config",
+    "search_step_config",
     "selection_step_config",
     "sha256_hex",
     "short_hash",
@@ -76,6 +85,36 @@ def selection_step_config(
         "step": kind,
         "selection": selection.model_dump(mode="json"),
         "templates": templates_version,
+    }
+
+
+def search_step_config(
+    policy: ModelSpec,
+    policy_revision: str | None,
+    reward: ModelSpec,
+    reward_revision: str | None,
+    templates_version: str,
+    search: SearchConfig,
+) -> dict[str, Any]:
+    """A greedy search depends on both models (scores decide every round), the templates and
+    the search settings."""
+    return {
+        "step": "search",
+        "policy": model_identity(policy, policy_revision),
+        "reward": model_identity(reward, reward_revision),
+        "templates": templates_version,
+        "search": search.model_dump(mode="json"),
+    }
+
+
+def long_response_step_config(
+    policy: ModelSpec, policy_revision: str | None, long: LongResponseConfig
+) -> dict[str, Any]:
+    """Long responses depend on the (Stage II SFT) policy and how they are sampled."""
+    return {
+        "step": "long_responses",
+        "policy": model_identity(policy, policy_revision),
+        "long": long.model_dump(mode="json"),
     }
 
 

@@ -8,7 +8,8 @@ Sources (local paths or fsspec URLs such as `s3://`, with `storage_options`):
 Each row has a `prompt` string (one user turn) or a `messages` conversation (`[{role, content}]`:
 an optional system turn, then alternating user/assistant turns, ending with a user turn). Optional
 columns: `constraints` (`[{type, args}]`, see avr_core.constraints), `source` and `id`, which are
-kept in `PromptRecord.source` as `source#id` so a prompt can be traced back to its origin.
+kept in `PromptRecord.source` as `source#id` so a prompt can be traced back to its origin, and
+`reference` (a reference answer; a Stage II search may start from it).
 
 A bad row raises `BadRowError` naming the file, the 0-based row (for JSON lines: the 0-based line
 number) and the field. With `on_bad_row="skip"` bad rows go to a rejects JSON-lines file instead,
@@ -362,7 +363,21 @@ def parse_prompt_row(row: Mapping[str, Any], default_source: str) -> PromptRecor
         messages=messages,
         constraints=_constraints_of(row),
         source=_source_of(row, default_source),
+        reference=_reference_of(row),
     )
+
+
+def _reference_of(row: Mapping[str, Any]) -> str | None:
+    """The row's optional reference answer (a Stage II search can start from it)."""
+    reference = row.get("reference")
+    if reference is None:
+        return None
+    if not isinstance(reference, str):
+        raise _RowProblem("reference", f"must be a string, got {_type_name(reference)}")
+    _check_text(reference, "reference")
+    if not reference.strip():
+        raise _RowProblem("reference", "must not be blank (leave it out instead)")
+    return reference
 
 
 # ---------------------------------------------------------------- reading sources

@@ -46,8 +46,32 @@ COUNT_LABELS: dict[str, str] = {
     "pairs_critique": "pairs: critique",
     "pairs_refinement": "pairs: refinement",
     "pairs_trajectory": "pairs: trajectory",
+    "searches": "searches",
+    "unscored_starts": "starting answers without a score",
+    "improved_rounds": "rounds that improved",
+    "stopped_no_gain": "searches stopped by a round without gain",
+    "reached_max_rounds": "searches still improving at max_rounds",
+    "trajectories": "trajectories kept",
+    "dropped_no_rounds": "dropped: search had no rounds (unscored start)",
+    "dropped_last_round_improved": "dropped: last round improved (no closing critique)",
+    "dropped_closing_round_unscored": "dropped: closing round has no scored refinement",
+    "dropped_no_improving_round": "dropped: no round improved",
+    "dropped_degenerate_initial_answer": "dropped: degenerate initial answer",
+    "dropped_unreadable_final_answer": "dropped: final answer blank or holds the marker",
+    "long_prompts": "prompts sampled",
+    "responses": "long responses",
+    "unparsed": "responses without a final answer",
+    "scored_final_answers": "final answers scored",
+    "lc_pairs": "length-controlled pairs kept",
+    "dropped_chosen_longer": "dropped by the length rule (best's final answer longer)",
+    "dropped_not_above_reference": "dropped: best does not beat the starting answer",
+    "dropped_no_score_spread": "dropped: best does not beat worst",
+    "dropped_no_scored_final_answer": "dropped: no scored final answer",
+    "dropped_reference_unscored": "dropped: starting answer unscored",
+    "dropped_same_response": "dropped: best and worst are the same response",
     "generated_chars": "generated characters",
     "engine_calls": "engine calls",
+    "reward_calls": "reward calls",
 }
 
 
@@ -133,6 +157,7 @@ def text_table(rows: Sequence[tuple[str, ...]], header: Sequence[str]) -> str:
 def render_step_markdown(result: StepResult) -> str:
     """The markdown of a step's Prefect artifact: where the data is and what it holds."""
     rows = report_rows(result.counts, result.gain_mean, result.gain_median)
+    rows += [(f"mean {key}", f"{value:.4g}") for key, value in sorted(result.means.items())]
     rows += [
         ("shards computed", str(result.shards_computed)),
         ("shards reused (already done)", str(result.shards_skipped)),
@@ -173,13 +198,13 @@ def format_run_summary(summary: RunSummary) -> str:
         text_table(rows, ("step", "rows", "details")),
         "",
         "Datasets (Parquet shards + _manifest.json):",
-        *[f"  {name:<20} {uri}" for name, uri in summary.datasets.items()],
+        *[f"  {name:<22} {uri}" for name, uri in summary.datasets.items()],
     ]
     if summary.models:
         lines += [
             "",
             "Trained models:",
-            *[f"  {name:<20} {uri}" for name, uri in summary.checkpoints.items()],
+            *[f"  {name:<22} {uri}" for name, uri in summary.checkpoints.items()],
         ]
-    lines.append(f"  {'run record':<20} {summary.run_record_uri}")
+    lines.append(f"  {'run record':<22} {summary.run_record_uri}")
     return "\n".join(lines)

@@ -29,6 +29,10 @@ class StepResult(BaseModel):
     counts: dict[str, int] = Field(default_factory=dict)
     gain_mean: float | None = None
     gain_median: float | None = None
+    means: dict[str, float] = Field(
+        default_factory=dict,
+        description="mean of every other per-record value the shards reported (e.g. gain_round_1)",
+    )
     seconds: dict[str, float] = Field(default_factory=dict)
 
     @property

@@ -99,6 +99,8 @@ class ArrowRecord(BaseModel):
     """Base of every stored record: an Arrow schema plus lossless row conversion."""
 
     arrow_schema: ClassVar[pa.Schema]
+    # Fields added after data was first stored: a table without them still reads (defaults).
+    optional_fields: ClassVar[frozenset[str]] = frozenset()
 
     def to_row(self) -> dict[str, Any]:
         row = self.model_dump(mode="python")
@@ -128,12 +130,14 @@ def _decode_constraints(row: dict[str, Any]) -> dict[str, Any]:
 
 
 class PromptRecord(ArrowRecord):
-    """One input prompt: a conversation ending with a user turn, plus optional constraints."""
+    """One input prompt: a conversation ending with a user turn, plus optional constraints and
+    an optional reference answer (a Stage II search may start from it)."""
 
     prompt_id: str
     messages: Conversation
     constraints: list[Constraint] = Field(default_factory=list)
     source: str = ""
+    reference: str | None = None
 
     arrow_schema: ClassVar[pa.Schema] = pa.schema(
         [
@@ -141,8 +145,10 @@ class PromptRecord(ArrowRecord):
             ("messages", CONVERSATION_TYPE),
             ("constraints", pa.list_(CONSTRAINT_TYPE)),
             ("source", pa.string()),
+            ("reference", pa.string()),
         ]
     )
+    optional_fields: ClassVar[frozenset[str]] = frozenset({"reference"})
 
 
 class Refinement(BaseModel):
@@ -293,13 +299,22 @@ class GreedySearch(ArrowRecord):
 
 
 class CoTResponse(BaseModel):
+    """One long response: the whole text, its parsed final answer (None: did not parse) and the
+    score of that final answer alone."""
+
     response: str
     final_answer: str | None = None
     score: float | None = None
+    format_retries: int = Field(0, description="re-samples spent to get a parseable final answer")
 
 
 COT_RESPONSE_TYPE = pa.struct(
-    [("response", pa.string()), ("final_answer", pa.string()), ("score", pa.float64())]
+    [
+        ("response", pa.string()),
+        ("final_answer", pa.string()),
+        ("score", pa.float64()),
+        ("format_retries", pa.int64()),
+    ]
 )
 
 
@@ -349,6 +364,8 @@ def check_schema(table_schema: pa.Schema, record_type: type[ArrowRecord], where:
     prefix = f"{where}: " if where else ""
     for field in expected:
         idx = table_schema.get_field_index(field.name)
+        if idx < 0 and field.name in record_type.optional_fields:
+            continue
         if idx < 0:
             raise SchemaMismatchError(
                 f"{prefix}missing field {field.name!r} for {record_type.__name__} "
@@ -366,7 +383,8 @@ def table_to_records(table: pa.Table, record_type: type[ArrowRecord]) -> list[Ar
     """Validate the schema, then rebuild the records; a bad row is named by its index."""
     check_schema(table.schema, record_type)
     records = []
-    for i, row in enumerate(table.select(record_type.arrow_schema.names).to_pylist()):
+    present = [name for name in record_type.arrow_schema.names if name in table.schema.names]
+    for i, row in enumerate(table.select(present).to_pylist()):
         try:
             records.append(record_type.from_row(row))
         except ValueError as err:

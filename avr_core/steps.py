@@ -41,6 +41,7 @@ __all__ = [
     "ShardsRun",
     "Source",
     "Stage1Steps",
+    "Stage2Steps",
     "StepIncompleteError",
     "StepIO",
     "StepPlan",
@@ -59,6 +60,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 STAGE1 = "stage1"
+STAGE2 = "stage2"
 
 
 class Stage1Steps:
@@ -73,6 +75,18 @@ class Stage1Steps:
     PAIRS = StepRef(STAGE1, "pairs")
     TRAIN_SFT = StepRef(CHECKPOINTS, "stage1_sft")
     TRAIN_DPO = StepRef(CHECKPOINTS, "stage1_dpo")
+
+
+class Stage2Steps:
+    """Step names of Stage II: stage2/<step>, checkpoints/<training step>."""
+
+    SEARCH = StepRef(STAGE2, "search")
+    TRAJECTORIES = StepRef(STAGE2, "trajectories")
+    LONG_RESPONSES = StepRef(STAGE2, "long_responses")
+    LONG_SCORED = StepRef(STAGE2, "long_scored")
+    LC_PAIRS = StepRef(STAGE2, "lc_pairs")
+    TRAIN_SFT = StepRef(CHECKPOINTS, "stage2_sft")
+    TRAIN_DPO = StepRef(CHECKPOINTS, "stage2_dpo")
 
 
 class UpstreamMissingError(RuntimeError):
@@ -348,6 +362,11 @@ def seal_step(
     for key, value in (extra_counts or {}).items():
         stats.counts[key] = value
     gain_mean, gain_median = gain_summary(stats.values.get("gain", []))
+    means = {
+        key: round(mean, 6)
+        for key, values in sorted(stats.values.items())
+        if key != "gain" and (mean := gain_summary(values)[0]) is not None
+    }
     return StepResult(
         stage=plan.target.stage,
         step=plan.target.step,
@@ -360,6 +379,7 @@ def seal_step(
         counts=stats.counts,
         gain_mean=gain_mean,
         gain_median=gain_median,
+        means=means,
         seconds={k: round(v, 3) for k, v in stats.seconds.items()},
     )
 

@@ -42,8 +42,12 @@ from avr_core.templates import (
 )
 
 __all__ = [
+    "CritiqueSlot",
     "SynthesisStats",
+    "chat_checked",
     "derive_seed",
+    "generate_critiques",
+    "generate_refinements",
     "generate_trees",
     "level_sampling",
     "score_gains",
@@ -83,7 +87,7 @@ def level_sampling(sampling: Sampling, level: str, n: int) -> Sampling:
 
 
 @dataclass
-class _CritiqueSlot:
+class CritiqueSlot:
     """One critique being generated: which tree it belongs to, its text and retries so far."""
 
     tree_index: int
@@ -93,7 +97,7 @@ class _CritiqueSlot:
     refinements: list[str] = field(default_factory=list)
 
 
-def _chat(
+def chat_checked(
     generator: Generator,
     conversations: list[Conversation],
     sampling: Sampling,
@@ -140,7 +144,7 @@ def generate_trees(
         if not prompt.messages or prompt.messages[-1].role != "user":
             raise ValueError(f"prompt {i} ({prompt.prompt_id}): messages must end with a user turn")
 
-    answers = _chat(
+    answers = chat_checked(
         generator,
         [p.messages for p in prompts],
         level_sampling(sampling, LEVEL_ANSWER, 1),
@@ -153,8 +157,8 @@ def generate_trees(
     ]
     stats.trees = len(answered)
 
-    slots = _generate_critiques(generator, answered, templates, tree, stats)
-    _generate_refinements(generator, answered, slots, templates, tree, stats)
+    slots = generate_critiques(generator, answered, templates, tree, stats)
+    generate_refinements(generator, answered, slots, templates, tree, stats)
 
     tree_lineage = lineage.model_copy(
         update={
@@ -189,25 +193,29 @@ def generate_trees(
     return trees, stats
 
 
-def _generate_critiques(
+def generate_critiques(
     generator: Generator,
     answered: list[Conversation],
     templates: Templates,
     tree: TreeConfig,
     stats: SynthesisStats,
-) -> list[_CritiqueSlot]:
-    """x critiques per answer; with require_rating, unrated ones are re-sampled, then dropped."""
+    level: str = LEVEL_CRITIQUE,
+) -> list[CritiqueSlot]:
+    """x critiques per answer; with require_rating, unrated ones are re-sampled, then dropped.
+
+    `level` names the call for seeds and errors (a Stage II round passes its own, so each round
+    samples from its own stream)."""
     sampling = tree.sampling
     critique_prompts = [build_critique_messages(messages, templates) for messages in answered]
-    outputs = _chat(
+    outputs = chat_checked(
         generator,
         critique_prompts,
-        level_sampling(sampling, LEVEL_CRITIQUE, tree.x),
+        level_sampling(sampling, level, tree.x),
         stats,
-        LEVEL_CRITIQUE,
+        level,
     )
     slots = [
-        _CritiqueSlot(tree_index=i, text=text, rating=extract_rating(text))
+        CritiqueSlot(tree_index=i, text=text, rating=extract_rating(text))
         for i, samples in enumerate(outputs)
         for text in samples
     ]
@@ -219,12 +227,12 @@ def _generate_critiques(
         if not missing:
             break
         # One conversation per missing slot with n=1: a single call re-samples every gap at once.
-        retry_outputs = _chat(
+        retry_outputs = chat_checked(
             generator,
             [critique_prompts[slot.tree_index] for slot in missing],
-            level_sampling(sampling, f"{LEVEL_CRITIQUE}-retry-{retry_round}", 1),
+            level_sampling(sampling, f"{level}-retry-{retry_round}", 1),
             stats,
-            f"{LEVEL_CRITIQUE} retry {retry_round}",
+            f"{level} retry {retry_round}",
         )
         for slot, samples in zip(missing, retry_outputs, strict=True):
             slot.text = samples[0]
@@ -237,24 +245,25 @@ def _generate_critiques(
     return kept
 
 
-def _generate_refinements(
+def generate_refinements(
     generator: Generator,
     answered: list[Conversation],
-    slots: list[_CritiqueSlot],
+    slots: list[CritiqueSlot],
     templates: Templates,
     tree: TreeConfig,
     stats: SynthesisStats,
+    level: str = LEVEL_REFINE,
 ) -> None:
     """y refinements per kept critique, in one call; stored on the slots in order."""
     refine_prompts = [
         build_refine_messages(answered[slot.tree_index], slot.text, templates) for slot in slots
     ]
-    outputs = _chat(
+    outputs = chat_checked(
         generator,
         refine_prompts,
-        level_sampling(tree.sampling, LEVEL_REFINE, tree.y),
+        level_sampling(tree.sampling, level, tree.y),
         stats,
-        LEVEL_REFINE,
+        level,
     )
     for slot, samples in zip(slots, outputs, strict=True):
         slot.refinements = list(samples)

@@ -20,6 +20,7 @@ import yaml
 from prefect import Flow
 from pydantic import BaseModel
 
+from flows.avr import avr
 from flows.config_files import (
     PAPER_CONFIG,
     PROJECT_DIR,
@@ -31,24 +32,37 @@ from flows.config_files import (
     validate_config,
 )
 from flows.params import (
+    AvrParams,
+    BuildLCPairsParams,
     BuildPairsParams,
     GenerateTreesParams,
+    GreedySearchParams,
     IngestParams,
     RegenerateParams,
+    SampleLongResponsesParams,
+    ScoreLongResponsesParams,
     ScoreTreesParams,
     SelectRSFTParams,
+    SelectTrajectoriesParams,
     Stage1Params,
+    Stage2Params,
     TrainDPOParams,
     TrainSFTParams,
 )
 from flows.regenerate import regenerate
 from flows.stage1 import stage1
+from flows.stage2 import stage2
 from flows.steps import (
+    build_lc_pairs_flow,
     build_pairs_flow,
     generate_trees_flow,
+    greedy_search_flow,
     ingest_prompts_flow,
+    sample_long_responses_flow,
+    score_long_responses_flow,
     score_trees_flow,
     select_rsft_flow,
+    select_trajectories_flow,
     train_dpo_flow,
     train_sft_flow,
 )
@@ -135,6 +149,43 @@ FLOWS: tuple[FlowEntry, ...] = (
     ),
     FlowEntry(
         "train-dpo", train_dpo_flow, TrainDPOParams, "flows/steps.py:train_dpo_flow", GPU_POOL
+    ),
+    FlowEntry("stage2", stage2, Stage2Params, "flows/stage2.py:stage2", GPU_POOL),
+    FlowEntry("avr", avr, AvrParams, "flows/avr.py:avr", GPU_POOL),
+    FlowEntry(
+        "greedy-search",
+        greedy_search_flow,
+        GreedySearchParams,
+        "flows/steps.py:greedy_search_flow",
+        GPU_POOL,
+    ),
+    FlowEntry(
+        "select-trajectories",
+        select_trajectories_flow,
+        SelectTrajectoriesParams,
+        "flows/steps.py:select_trajectories_flow",
+        CPU_POOL,
+    ),
+    FlowEntry(
+        "sample-long-responses",
+        sample_long_responses_flow,
+        SampleLongResponsesParams,
+        "flows/steps.py:sample_long_responses_flow",
+        GPU_POOL,
+    ),
+    FlowEntry(
+        "score-long-responses",
+        score_long_responses_flow,
+        ScoreLongResponsesParams,
+        "flows/steps.py:score_long_responses_flow",
+        GPU_POOL,
+    ),
+    FlowEntry(
+        "build-lc-pairs",
+        build_lc_pairs_flow,
+        BuildLCPairsParams,
+        "flows/steps.py:build_lc_pairs_flow",
+        CPU_POOL,
     ),
     FlowEntry(
         "regenerate",

@@ -19,10 +19,12 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from avr_core.config import (
     ExecutionConfig,
     IngestConfig,
+    LongResponseConfig,
     ModelSpec,
     NonBlank,
     OpenAIModel,
     RulesModel,
+    SearchConfig,
     SelectionConfig,
     TrainingConfig,
     TransformersModel,
@@ -30,19 +32,27 @@ from avr_core.config import (
     weights_path,
 )
 from avr_core.layout import StepRef
-from avr_core.steps import Stage1Steps, StepIO
+from avr_core.steps import Stage1Steps, Stage2Steps, StepIO
 from avr_core.trl_config import check_extra_keys
 
 __all__ = [
+    "AvrParams",
+    "BuildLCPairsParams",
     "BuildPairsParams",
     "GenerateTreesParams",
+    "GreedySearchParams",
     "IngestParams",
     "RegenerateParams",
     "RunParams",
+    "SampleLongResponsesParams",
+    "ScoreLongResponsesParams",
     "ScoreTreesParams",
+    "SelectTrajectoriesParams",
     "SelectRSFTParams",
     "Stage1DataParams",
     "Stage1Params",
+    "Stage2Params",
+    "Stage2Sections",
     "TrainDPOParams",
     "TrainSFTParams",
     "default_storage_root",
@@ -77,6 +87,16 @@ def _demo_sft() -> TrainingConfig:
 
 def _demo_dpo() -> TrainingConfig:
     return TrainingConfig(learning_rate=5e-6, max_steps=8, max_length=512, save_steps=4)
+
+
+def _stage2_sft() -> TrainingConfig:
+    # Trajectories are long (draft, reviews, revisions, final answer): a longer window, and
+    # enough steps for the tiny model to learn to end with the final-answer marker.
+    return TrainingConfig(learning_rate=1e-4, max_steps=16, max_length=1024, save_steps=8)
+
+
+def _stage2_dpo() -> TrainingConfig:
+    return TrainingConfig(learning_rate=5e-6, max_steps=8, max_length=1024, save_steps=4)
 
 
 def _trainable(spec: ModelSpec) -> ModelSpec:
@@ -176,6 +196,40 @@ class Stage1Params(Stage1DataParams):
     )
     sft: SFTTraining = Field(default_factory=_demo_sft, description="RSFT training")
     dpo: DPOTraining = Field(default_factory=_demo_dpo, description="DPO training")
+
+
+class Stage2Sections(BaseModel):
+    """The sections only Stage II has: search, long responses, and its two trainings."""
+
+    search: SearchConfig = Field(
+        default_factory=SearchConfig, description="greedy recursive search (Stage II data)"
+    )
+    long: LongResponseConfig = Field(
+        default_factory=LongResponseConfig,
+        description="k long responses per prompt from the Stage II SFT model",
+    )
+    stage2_sft: SFTTraining = Field(
+        default_factory=_stage2_sft, description="SFT on the trajectories (from the Stage I model)"
+    )
+    stage2_dpo: DPOTraining = Field(
+        default_factory=_stage2_dpo,
+        description="length-controlled DPO (from the Stage II SFT model)",
+    )
+
+
+class Stage2Params(Stage1DataParams, Stage2Sections):
+    """The whole of Stage II: greedy search -> trajectories -> SFT -> k long responses -> scores
+    -> length-controlled pairs -> DPO, starting from a Stage I model (`policy`)."""
+
+    policy: TrainablePolicy = Field(
+        default_factory=TransformersModel,
+        description="the Stage I model: it searches, and SFT starts from it (e.g. the URI of a "
+        "stage1 run's checkpoints/stage1_dpo/final)",
+    )
+
+
+class AvrParams(Stage1Params, Stage2Sections):
+    """Stage I then Stage II in one run: the Stage I DPO model is Stage II's policy."""
 
 
 # ---- the steps, each runnable as its own flow on data already in storage ------------------
@@ -292,3 +346,65 @@ class RegenerateParams(Stage1DataParams):
         except (ZoneInfoNotFoundError, ValueError) as err:
             raise ValueError(f"unknown time zone {value!r}") from err
         return value
+
+
+# ---- the Stage II steps -----------------------------------------------------------------------
+
+
+class GreedySearchParams(RunParams):
+    """Greedy recursive search over a prompts step with a (Stage I) policy and a reward model."""
+
+    policy: ModelSpec = Field(
+        default_factory=TransformersModel, description="the Stage I model that searches"
+    )
+    reward: ModelSpec = Field(default_factory=RulesModel, description="reward model")
+    templates_dir: str | None = Field(None, description=_TEMPLATES)
+    search: SearchConfig = Field(default_factory=SearchConfig, description="search settings")
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig, description=_EXECUTION)
+    source: StepRef = Field(Stage1Steps.PROMPTS, description="(stage, step) of the prompts")
+    target: StepRef = Field(Stage2Steps.SEARCH, description="(stage, step) to write")
+
+
+class SelectTrajectoriesParams(RunParams):
+    """Trajectory SFT examples from a greedy-search step."""
+
+    selection: SelectionConfig = Field(default_factory=SelectionConfig, description="rules")
+    templates_dir: str | None = Field(None, description=_TEMPLATES)
+    source: StepRef = Field(Stage2Steps.SEARCH, description="(stage, step) of the searches")
+    target: StepRef = Field(Stage2Steps.TRAJECTORIES, description="(stage, step) to write")
+
+
+class SampleLongResponsesParams(RunParams):
+    """k long responses per prompt of a greedy-search step, from the Stage II SFT model."""
+
+    policy: ModelSpec = Field(
+        default_factory=TransformersModel,
+        description="the Stage II SFT model (e.g. the URI of checkpoints/stage2_sft/final)",
+    )
+    long: LongResponseConfig = Field(
+        default_factory=LongResponseConfig, description="sampling settings"
+    )
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig, description=_EXECUTION)
+    source: StepRef = Field(Stage2Steps.SEARCH, description="(stage, step) of the searches")
+    target: StepRef = Field(Stage2Steps.LONG_RESPONSES, description="(stage, step) to write")
+
+
+class ScoreLongResponsesParams(RunParams):
+    """Score the final answers of a long-responses step."""
+
+    reward: ModelSpec = Field(default_factory=RulesModel, description="reward model")
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig, description=_EXECUTION)
+    source: StepRef = Field(
+        Stage2Steps.LONG_RESPONSES, description="(stage, step) of the long responses"
+    )
+    target: StepRef = Field(Stage2Steps.LONG_SCORED, description="(stage, step) to write")
+
+
+class BuildLCPairsParams(RunParams):
+    """Length-controlled DPO pairs from a scored long-responses step."""
+
+    selection: SelectionConfig = Field(default_factory=SelectionConfig, description="rules")
+    source: StepRef = Field(
+        Stage2Steps.LONG_SCORED, description="(stage, step) of the scored responses"
+    )
+    target: StepRef = Field(Stage2Steps.LC_PAIRS, description="(stage, step) to write")

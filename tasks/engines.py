@@ -34,6 +34,7 @@ __all__ = [
     "open_store",
     "quiet_progress_bars_off_terminal",
     "settings",
+    "uses_local_gpu",
 ]
 
 GPU_CONCURRENCY_LIMIT = "gpu"

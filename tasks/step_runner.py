@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from prefect import get_run_logger
@@ -23,10 +23,12 @@ __all__ = ["execute_plan"]
 def execute_plan(
     plan: StepPlan,
     compute: ShardCompute,
-    engine: LazyEngine[Any] | None = None,
+    engines: LazyEngine[Any] | Sequence[LazyEngine[Any]] = (),
     extra_counts: Mapping[str, int] | None = None,
 ) -> StepResult:
-    """Compute every pending shard of `plan`, seal the step, publish and record it."""
+    """Compute every pending shard of `plan`, seal the step, publish and record it; close the
+    `engines` the shards loaded (a greedy search holds a policy and a reward model)."""
+    held = [engines] if isinstance(engines, LazyEngine) else list(engines)
     logger = get_run_logger()
     logger.info(
         "%s: %d shards, %d already done with fingerprint %s, %d to compute",
@@ -67,10 +69,11 @@ def execute_plan(
         result = run_step(plan, compute, progress, extra_counts)
     finally:
         bar.close()
-        if engine is not None:
+        for engine in held:
             engine.close()
-    if engine is not None and engine.load_seconds:
-        result.seconds["engine_load"] = round(engine.load_seconds, 3)
+    load_seconds = sum(engine.load_seconds for engine in held)
+    if load_seconds:
+        result.seconds["engine_load"] = round(load_seconds, 3)
     publish_step_report(plan.run, result)
     record_step(plan.store, plan.run, plan.target, time.perf_counter() - started, result)
     return result

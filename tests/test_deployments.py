@@ -70,7 +70,7 @@ def test_flow_names_are_unique_and_unknown_names_list_the_known() -> None:
     names = [entry.name for entry in FLOWS]
     assert len(set(names)) == len(names)
     with pytest.raises(ConfigError, match="known flows: stage1, ingest-prompts"):
-        get_flow("stage2")
+        get_flow("stage3")
 
 
 # ---- config files -----------------------------------------------------------------------------
