@@ -41,7 +41,9 @@ class RunOverview(BaseModel):
     run: str
     flow: str | None = None
     started_at: str | None = None
-    code_version: str | None = None
+    code_version: dict[str, str | None] | None = Field(
+        None, description="git commit and package version of the run's last attempt"
+    )
     status: Literal["complete", "incomplete", "empty"]
     steps: list[StepStatus]
     config: dict[str, Any] = Field(default_factory=dict, description="the run record's config")

@@ -31,12 +31,14 @@ from flows.config_files import (
 from flows.local_prefect import free_port
 from flows.params import (
     GenerateTreesParams,
+    IngestParams,
     RegenerateParams,
     ScoreTreesParams,
     Stage1Params,
     TrainDPOParams,
     TrainSFTParams,
 )
+from tasks.runlog import record_run_start
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = StepRef("inputs", "prompts")
@@ -226,8 +228,8 @@ def populated_store(tmp_path: Path) -> DatasetStore:
     store.seal("run-a", PROMPTS, PromptRecord, "fp1", range(2))
     # A step that was interrupted: one shard, no manifest.
     store.write_shard("run-a", "stage1", "seed_trees", 0, [_prompt(9)], PromptRecord, "fp2")
-    record = {"run": "run-a", "flow": "stage1", "started_at": "t0", "config": {"x": 1}}
-    store.write_json(RunLayout("run-a").run_record, record)
+    # The run record as flows write it (the same writer, so `avr runs` reads what runs leave).
+    record_run_start(store, "run-a", "stage1", IngestParams(run_name="run-a"))
     store.write_shard("run-b", "inputs", "prompts", 0, [_prompt(5)], PromptRecord, "fp3")
     store.seal("run-b", PROMPTS, PromptRecord, "fp3", range(1))
     return store
@@ -236,6 +238,8 @@ def populated_store(tmp_path: Path) -> DatasetStore:
 def test_summarize_run_reports_complete_and_partial(populated_store: DatasetStore) -> None:
     overview = inspect_runs.summarize_run(populated_store, "run-a")
     assert overview.status == "incomplete" and overview.flow == "stage1"
+    assert overview.code_version is not None and "git_commit" in overview.code_version
+    assert overview.config["run_name"] == "run-a"
     steps = {f"{s.stage}/{s.step}": s for s in overview.steps}
     assert steps["inputs/prompts"].status == "complete"
     assert steps["inputs/prompts"].rows == 4 and steps["inputs/prompts"].shards == 2
@@ -266,7 +270,7 @@ def test_show_step_prints_manifest_schema_and_rows(
     assert "PromptRecord" in out and "fp1" in out and "haiku" in out
     assert cli.main(["show", "run-a", "--root", populated_store.root]) == 0
     out = capsys.readouterr().out
-    assert "stage1/seed_trees: partial" in out and '"x": 1' in out
+    assert "stage1/seed_trees: partial" in out and '"run_name": "run-a"' in out
 
 
 def test_show_errors_name_what_exists(
