@@ -338,9 +338,91 @@ class CoTSample(ArrowRecord):
     )
 
 
+class AnswerRound(BaseModel):
+    """One round of test-time refinement: the critique of the previous answer, the refinement it
+    led to, and the answer after the round (the refinement, or with `keep_best` the previous
+    answer when the refinement scored no higher). Round 0 is the starting answer alone."""
+
+    answer: str
+    critique: str | None = None
+    refinement: str | None = None
+    score: float | None = Field(None, description="reward of `answer` (when a reward model ran)")
+    kept_previous: bool = False
+
+
+ANSWER_ROUND_TYPE = pa.struct(
+    [
+        ("answer", pa.string()),
+        ("critique", pa.string()),
+        ("refinement", pa.string()),
+        ("score", pa.float64()),
+        ("kept_previous", pa.bool_()),
+    ]
+)
+
+
+class RefinedAnswers(ArrowRecord):
+    """Test-time refinement of one prompt: round 0 (the starting answer, by `generator`) and
+    every refinement round after it, so one record gives the whole 0..N curve."""
+
+    prompt_id: str
+    prompt: Conversation
+    generator: str = Field("", description="who wrote the starting answer (model id or name)")
+    rounds: list[AnswerRound] = Field(default_factory=list)
+    constraints: list[Constraint] = Field(default_factory=list)
+    lineage: Lineage = Field(default_factory=Lineage)
+
+    arrow_schema: ClassVar[pa.Schema] = pa.schema(
+        [
+            ("prompt_id", pa.string()),
+            ("prompt", CONVERSATION_TYPE),
+            ("generator", pa.string()),
+            ("rounds", pa.list_(ANSWER_ROUND_TYPE)),
+            ("constraints", pa.list_(CONSTRAINT_TYPE)),
+            ("lineage", LINEAGE_TYPE),
+        ]
+    )
+
+
+class ThoughtAnswer(ArrowRecord):
+    """A thinking (Stage II) model's long response to one prompt and the final answer parsed
+    from it; `format_failure` marks a prompt whose response never parsed (kept, never dropped)."""
+
+    prompt_id: str
+    prompt: Conversation
+    response: str
+    final_answer: str | None = None
+    format_retries: int = 0
+    format_failure: bool = False
+    constraints: list[Constraint] = Field(default_factory=list)
+    lineage: Lineage = Field(default_factory=Lineage)
+
+    arrow_schema: ClassVar[pa.Schema] = pa.schema(
+        [
+            ("prompt_id", pa.string()),
+            ("prompt", CONVERSATION_TYPE),
+            ("response", pa.string()),
+            ("final_answer", pa.string()),
+            ("format_retries", pa.int64()),
+            ("format_failure", pa.bool_()),
+            ("constraints", pa.list_(CONSTRAINT_TYPE)),
+            ("lineage", LINEAGE_TYPE),
+        ]
+    )
+
+
 RECORD_TYPES: dict[str, type[ArrowRecord]] = {
     cls.__name__: cls
-    for cls in (PromptRecord, RefinementTree, SFTExample, PreferencePair, GreedySearch, CoTSample)
+    for cls in (
+        PromptRecord,
+        RefinementTree,
+        SFTExample,
+        PreferencePair,
+        GreedySearch,
+        CoTSample,
+        RefinedAnswers,
+        ThoughtAnswer,
+    )
 }
 
 
