@@ -39,19 +39,27 @@ import posixpath
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 import fsspec
 import pyarrow.parquet as pq
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from avr_core.constraints import validate_constraint
 from avr_core.fingerprint import short_hash
-from avr_core.schemas import Constraint, Conversation, Message, PromptRecord
+from avr_core.schemas import (
+    AnswerRound,
+    Constraint,
+    Conversation,
+    Message,
+    PromptRecord,
+    RefinedAnswers,
+)
 from avr_core.steps import ShardsFailedError
 
 __all__ = [
     "TEMPLATE_RESERVE_TOKENS",
+    "AnswersResult",
     "BadRowError",
     "IngestResult",
     "TokenCounter",
@@ -59,7 +67,9 @@ __all__ = [
     "is_retryable_ingest_error",
     "load_chat_token_counter",
     "model_context_length",
+    "parse_answer_row",
     "prompt_id_for",
+    "read_answers",
     "prompt_token_limit",
     "read_prompts",
     "source_sha256",
@@ -87,6 +97,9 @@ class BadRowError(ValueError):
     def __init__(self, file: str, row: int, field: str, reason: str) -> None:
         self.file, self.row, self.field, self.reason = file, row, field, reason
         super().__init__(f"{file}: row {row}: field {field!r}: {reason}")
+
+
+RecordT = TypeVar("RecordT", bound=BaseModel)
 
 
 class IngestResult(BaseModel):
@@ -517,6 +530,63 @@ def _write_rejects(path: str, rejects: list[dict[str, Any]], options: dict[str, 
     fs.pipe_file(fs_path, text.encode("utf-8", errors="backslashreplace"))
 
 
+class _ReadRows(BaseModel, Generic[RecordT]):
+    """What `_read_rows` kept and left out."""
+
+    records: list[RecordT]
+    rejects: int = 0
+    rejects_path: str | None = None
+    duplicates: int = 0
+
+
+def _read_rows(
+    source: str,
+    on_bad_row: Literal["error", "skip"],
+    rejects_path: str | None,
+    options: dict[str, Any],
+    parse: Callable[[Mapping[str, Any]], RecordT],
+    key: Callable[[RecordT], str],
+) -> _ReadRows[RecordT]:
+    """Every row parsed (a bad row raises `BadRowError`, or is written to the rejects file with
+    its reason in skip mode); the first of rows with the same `key` wins."""
+    if on_bad_row not in ("error", "skip"):
+        raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+    records: list[RecordT] = []
+    seen: set[str] = set()
+    duplicates = 0
+    rejects: list[dict[str, Any]] = []
+    for number, row in _rows(source, options):
+        try:
+            if isinstance(row, _RowProblem):
+                raise row
+            record = parse(row)
+        except _RowProblem as problem:
+            if on_bad_row == "error":
+                raise BadRowError(source, number, problem.field, problem.reason) from None
+            rejects.append(
+                {
+                    "file": source,
+                    "row": number,
+                    "field": problem.field,
+                    "reason": problem.reason,
+                    "data": problem.data if isinstance(row, _RowProblem) else row,
+                }
+            )
+            continue
+        if key(record) in seen:
+            duplicates += 1
+            continue
+        seen.add(key(record))
+        records.append(record)
+    written_to = None
+    if rejects:
+        written_to = rejects_path or f"{source.rstrip('/')}.rejects.jsonl"
+        _write_rejects(written_to, rejects, options)
+    return _ReadRows[RecordT](
+        records=records, rejects=len(rejects), rejects_path=written_to, duplicates=duplicates
+    )
+
+
 def read_prompts(
     source: str,
     on_bad_row: Literal["error", "skip"] = "error",
@@ -534,50 +604,93 @@ def read_prompts(
     A prompt longer than `max_prompt_chars` characters (all turns), or than `max_prompt_tokens`
     as counted by `count_tokens` (required with it), is a bad row.
     """
-    if on_bad_row not in ("error", "skip"):
-        raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
     if max_prompt_tokens is not None and count_tokens is None:
         raise ValueError("max_prompt_tokens needs count_tokens (the policy's tokenizer)")
-    options = dict(storage_options or {})
     default_source = posixpath.basename(source.rstrip("/"))
-    prompts: list[PromptRecord] = []
-    seen: set[str] = set()
-    duplicates = 0
-    rejects: list[dict[str, Any]] = []
-    for number, row in _rows(source, options):
-        try:
-            if isinstance(row, _RowProblem):
-                raise row
-            record = parse_prompt_row(row, default_source)
-            _check_size(
-                record.messages,
-                _conversation_field(row),
-                max_prompt_chars,
-                max_prompt_tokens,
-                count_tokens,
-            )
-        except _RowProblem as problem:
-            if on_bad_row == "error":
-                raise BadRowError(source, number, problem.field, problem.reason) from None
-            rejects.append(
-                {
-                    "file": source,
-                    "row": number,
-                    "field": problem.field,
-                    "reason": problem.reason,
-                    "data": problem.data if isinstance(row, _RowProblem) else row,
-                }
-            )
-            continue
-        if record.prompt_id in seen:
-            duplicates += 1
-            continue
-        seen.add(record.prompt_id)
-        prompts.append(record)
-    written_to = None
-    if rejects:
-        written_to = rejects_path or f"{source.rstrip('/')}.rejects.jsonl"
-        _write_rejects(written_to, rejects, options)
+
+    def parse(row: Mapping[str, Any]) -> PromptRecord:
+        record = parse_prompt_row(row, default_source)
+        _check_size(
+            record.messages,
+            _conversation_field(row),
+            max_prompt_chars,
+            max_prompt_tokens,
+            count_tokens,
+        )
+        return record
+
+    read = _read_rows(
+        source,
+        on_bad_row,
+        rejects_path,
+        dict(storage_options or {}),
+        parse,
+        lambda record: record.prompt_id,
+    )
     return IngestResult(
-        prompts=prompts, rejects=len(rejects), rejects_path=written_to, duplicates=duplicates
+        prompts=read.records,
+        rejects=read.rejects,
+        rejects_path=read.rejects_path,
+        duplicates=read.duplicates,
+    )
+
+
+class AnswersResult(BaseModel):
+    """Another system's answers, valid and de-duplicated by prompt, and what was left out."""
+
+    answers: list[RefinedAnswers]
+    rejects: int = 0
+    rejects_path: str | None = None
+    duplicates: int = Field(0, description="rows for a prompt already answered earlier in the file")
+
+
+def parse_answer_row(row: Mapping[str, Any], default_generator: str) -> RefinedAnswers:
+    """One answered prompt: `prompt` or `messages`, `response` (round 0), optional `generator`
+    (default: the file name) and `constraints`; raises _RowProblem naming the bad field."""
+    prompt = parse_prompt_row(row, default_generator)
+    response = row.get("response")
+    if not isinstance(response, str):
+        raise _RowProblem("response", f"must be a string, got {_type_name(response)}")
+    _check_text(response, "response")
+    if not response.strip():
+        raise _RowProblem("response", "must not be blank")
+    generator = row.get("generator")
+    if generator is not None and not isinstance(generator, str):
+        raise _RowProblem("generator", f"must be a string, got {_type_name(generator)}")
+    if generator is not None:
+        _check_text(generator, "generator")
+    return RefinedAnswers(
+        prompt_id=prompt.prompt_id,
+        prompt=prompt.messages,
+        generator=generator or default_generator,
+        rounds=[AnswerRound(answer=response)],
+        constraints=prompt.constraints,
+    )
+
+
+def read_answers(
+    source: str,
+    on_bad_row: Literal["error", "skip"] = "error",
+    rejects_path: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> AnswersResult:
+    """Read another system's outputs (JSONL / Parquet / a saved dataset) as round-0 answers for
+    cross-model refinement or evaluation: rows `{prompt or messages, response, generator}`.
+
+    Bad rows are handled as in `read_prompts`; a prompt answered twice keeps its first answer.
+    """
+    default_generator = posixpath.basename(source.rstrip("/"))
+    read = _read_rows(
+        source,
+        on_bad_row,
+        rejects_path,
+        dict(storage_options or {}),
+        lambda row: parse_answer_row(row, default_generator),
+        lambda record: record.prompt_id,
+    )
+    return AnswersResult(
+        answers=read.records,
+        rejects=read.rejects,
+        rejects_path=read.rejects_path,
+        duplicates=read.duplicates,
     )

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
+from avr_core.ingest import BadRowError, read_answers
 from avr_core.schemas import (
     AnswerRound,
     Conversation,
@@ -151,3 +157,53 @@ def test_think_retries_unparsed_responses_and_records_format_failures():
     assert never.response == "still thinking"  # kept, not dropped
     assert stats.format_retries == 5 and stats.format_failures == 1
     assert [r.prompt_id for r in records] == ["ok", "late", "never"]
+
+
+# ---- another system's outputs as starting answers ---------------------------------------------
+
+
+def _write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return str(path)
+
+
+ANSWER_ROWS = [
+    {"prompt": "Name a color.", "response": "Blue.", "generator": "gpt-x"},
+    {
+        "messages": [{"role": "user", "content": "Say hi."}],
+        "response": "Hi!",
+        "constraints": [{"type": "word_count", "args": {"max": 3}}],
+    },
+    {"prompt": "Name a color.", "response": "Red.", "generator": "gpt-x"},  # same prompt again
+    {"prompt": "No answer here."},
+    {"prompt": "Blank answer.", "response": "   "},
+]
+
+
+def test_read_answers_takes_rows_of_another_system_and_names_bad_rows(tmp_path):
+    source = _write_jsonl(tmp_path / "other.jsonl", ANSWER_ROWS)
+    with pytest.raises(BadRowError, match=r"other.jsonl.*row 3.*response"):
+        read_answers(source)
+
+    result = read_answers(source, on_bad_row="skip")
+    assert [a.rounds[0].answer for a in result.answers] == ["Blue.", "Hi!"]
+    assert [a.generator for a in result.answers] == ["gpt-x", "other.jsonl"]
+    assert result.answers[1].constraints[0].type == "word_count"
+    assert result.duplicates == 1 and result.rejects == 2
+    rejects = [json.loads(line) for line in Path(result.rejects_path).read_text().splitlines()]
+    assert [(r["row"], r["field"]) for r in rejects] == [(3, "response"), (4, "response")]
+
+
+def test_imported_answers_are_refined_across_models(tmp_path):
+    table = pa.Table.from_pylist(
+        [ANSWER_ROWS[0], {"prompt": "Say hi.", "response": "Hi!", "generator": "other"}]
+    )
+    pq.write_table(table, tmp_path / "other.parquet")
+    answers = read_answers(str(tmp_path / "other.parquet")).answers
+    records, _ = refine_answers(Appender(), answers, TEMPLATES, 1, SAMPLING)
+    assert [[r.answer for r in rec.rounds] for rec in records] == [
+        ["Blue.", "Blue.+"],
+        ["Hi!", "Hi!+"],
+    ]
+    # round 0 stays attributed to the system that wrote it
+    assert [rec.generator for rec in records] == ["gpt-x", "other"]
