@@ -27,9 +27,13 @@ from sklearn.linear_model import LogisticRegression
 __all__ = [
     "DEFAULT_RESAMPLES",
     "Estimate",
+    "Judgement",
+    "SystemSummary",
+    "alpaca_eval_rows",
     "bootstrap",
     "length_controlled_win_rate",
     "mean_estimate",
+    "summarize_judgements",
     "win_rate",
 ]
 
@@ -155,3 +159,106 @@ def length_controlled_win_rate(
             f"baseline_lengths ({len(baseline)}) must have one entry per prompt"
         )
     return bootstrap([values, candidate - baseline], _lc_value, resamples, seed)
+
+
+# ---- per-prompt judgements -> per-system summaries ---------------------------------------------
+
+
+class Judgement(BaseModel):
+    """One prompt x system x judge: the candidate's preference over the baseline and what it
+    was computed from (a row of the evaluation table)."""
+
+    prompt_id: str
+    system: str
+    baseline: str
+    judge: str
+    preference: float | None = Field(description="None: the judge gave no usable verdict")
+    candidate_score: float | None = None
+    baseline_score: float | None = None
+    candidate_chars: int = Field(description="characters of the candidate's (final) answer")
+    baseline_chars: int
+    candidate_response_chars: int = Field(description="the whole response (thinking included)")
+    rounds: int = Field(0, description="refinement rounds behind the candidate's answer")
+    consistent: bool | None = Field(None, description="pairwise judge: both orders agreed")
+
+
+class SystemSummary(BaseModel):
+    """One system against the baseline under one judge, every figure with its bootstrap CI."""
+
+    system: str
+    baseline: str
+    judge: str
+    prompts: int
+    judged: int = Field(description="prompts with a usable preference")
+    unjudged: int = Field(description="prompts the judge gave no verdict on (counted)")
+    win_rate: Estimate | None
+    lc_win_rate: Estimate | None
+    mean_margin: Estimate | None = Field(None, description="reward judges: candidate - baseline")
+    candidate_chars: Estimate
+    baseline_chars: Estimate
+    candidate_response_chars: Estimate
+    position_consistency: float | None = Field(None, description="pairwise judges, in percent")
+
+
+def summarize_judgements(
+    judgements: Sequence[Judgement], resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED
+) -> list[SystemSummary]:
+    """One summary per (system, judge), in first-seen order."""
+    groups: dict[tuple[str, str], list[Judgement]] = {}
+    for row in judgements:
+        groups.setdefault((row.system, row.judge), []).append(row)
+    summaries = []
+    for (system, judge), rows in groups.items():
+        judged = [r for r in rows if r.preference is not None]
+        preferences = [r.preference for r in judged if r.preference is not None]
+        margins = [
+            r.candidate_score - r.baseline_score
+            for r in judged
+            if r.candidate_score is not None and r.baseline_score is not None
+        ]
+        consistency = [r.consistent for r in rows if r.consistent is not None]
+        summaries.append(
+            SystemSummary(
+                system=system,
+                baseline=rows[0].baseline,
+                judge=judge,
+                prompts=len(rows),
+                judged=len(judged),
+                unjudged=len(rows) - len(judged),
+                win_rate=win_rate(preferences, resamples, seed) if preferences else None,
+                lc_win_rate=(
+                    length_controlled_win_rate(
+                        preferences,
+                        [r.candidate_chars for r in judged],
+                        [r.baseline_chars for r in judged],
+                        resamples,
+                        seed,
+                    )
+                    if preferences
+                    else None
+                ),
+                mean_margin=mean_estimate(margins, resamples, seed) if margins else None,
+                candidate_chars=mean_estimate([r.candidate_chars for r in rows], resamples, seed),
+                baseline_chars=mean_estimate([r.baseline_chars for r in rows], resamples, seed),
+                candidate_response_chars=mean_estimate(
+                    [r.candidate_response_chars for r in rows], resamples, seed
+                ),
+                position_consistency=(
+                    100.0 * sum(consistency) / len(consistency) if consistency else None
+                ),
+            )
+        )
+    return summaries
+
+
+def alpaca_eval_rows(
+    prompts: Sequence[str], outputs: Sequence[str], generator: str
+) -> list[dict[str, str]]:
+    """One system's outputs in AlpacaEval's format (`instruction`, `output`, `generator`), for
+    the official GPT-4 judged leaderboard run elsewhere."""
+    if len(prompts) != len(outputs):
+        raise ValueError(f"{len(prompts)} prompts but {len(outputs)} outputs")
+    return [
+        {"instruction": prompt, "output": output, "generator": generator}
+        for prompt, output in zip(prompts, outputs, strict=True)
+    ]

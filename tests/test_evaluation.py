@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import io
+import json
+
 import numpy as np
 import pytest
 
-from avr_core.evaluation import length_controlled_win_rate, mean_estimate, win_rate
+from avr_core.evaluation import (
+    Judgement,
+    alpaca_eval_rows,
+    length_controlled_win_rate,
+    mean_estimate,
+    summarize_judgements,
+    win_rate,
+)
+from avr_core.plots import scaling_curve_png, win_rate_png
 
 
 def _preferences(n: int, p_win: float, seed: int = 1) -> np.ndarray:
@@ -84,3 +95,64 @@ def test_mean_estimate_of_margins():
     estimate = mean_estimate([1.0, 2.0, 3.0])
     assert estimate.value == pytest.approx(2.0)
     assert 1.0 <= estimate.ci_low <= 2.0 <= estimate.ci_high <= 3.0
+
+
+# ---- per-system summaries, AlpacaEval export, plots ------------------------------------------
+
+
+def _judgement(i: int, system: str, judge: str, preference, consistent=None) -> Judgement:
+    return Judgement(
+        prompt_id=f"p{i}",
+        system=system,
+        baseline="seed",
+        judge=judge,
+        preference=preference,
+        candidate_score=float(i) if judge == "rules" else None,
+        baseline_score=0.0 if judge == "rules" else None,
+        candidate_chars=100 + i,
+        baseline_chars=100,
+        candidate_response_chars=300 + i,
+        rounds=2,
+        consistent=consistent,
+    )
+
+
+def test_summaries_per_system_and_judge_count_unjudged_prompts():
+    rows = [_judgement(i, "dpo", "rules", [1.0, 0.5, 0.0, 1.0][i]) for i in range(4)]
+    rows += [
+        _judgement(i, "dpo", "pairwise", p, consistent=c)
+        for i, (p, c) in enumerate([(1.0, True), (None, None), (0.5, False), (1.0, True)])
+    ]
+    rules, pairwise = summarize_judgements(rows, resamples=200)
+    assert (rules.system, rules.judge, rules.prompts, rules.judged) == ("dpo", "rules", 4, 4)
+    assert rules.win_rate.value == pytest.approx(62.5)
+    assert rules.mean_margin.value == pytest.approx(1.5)
+    assert rules.candidate_chars.value == pytest.approx(101.5)
+    assert pairwise.unjudged == 1 and pairwise.judged == 3
+    assert pairwise.win_rate.value == pytest.approx(250 / 3)
+    assert pairwise.position_consistency == pytest.approx(200 / 3)
+    assert pairwise.mean_margin is None
+    for summary in (rules, pairwise):
+        for estimate in (summary.win_rate, summary.lc_win_rate):
+            assert estimate.ci_low <= estimate.value <= estimate.ci_high
+
+
+def test_alpaca_eval_rows_have_the_leaderboard_fields():
+    rows = alpaca_eval_rows(["Say hi."], ["Hi!"], "avr-stage2")
+    assert rows == [{"instruction": "Say hi.", "output": "Hi!", "generator": "avr-stage2"}]
+    json.dumps(rows)  # serialisable as the leaderboard's JSON
+    with pytest.raises(ValueError, match="1 prompts but 0 outputs"):
+        alpaca_eval_rows(["Say hi."], [], "x")
+
+
+def test_plots_are_png_images():
+    from PIL import Image
+
+    rows = [_judgement(i, s, "rules", p) for s, p in (("dpo", 1.0), ("sft", 0.5)) for i in range(3)]
+    summaries = summarize_judgements(rows, resamples=50)
+    curve = [mean_estimate([1.0, 2.0, 3.0], resamples=50), mean_estimate([2.0, 3.0], resamples=50)]
+    for png in (win_rate_png(summaries), scaling_curve_png({"dpo": curve})):
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        image = Image.open(io.BytesIO(png))
+        image.load()
+        assert image.format == "PNG" and image.width > 100 and image.height > 100
