@@ -28,10 +28,12 @@ __all__ = [
     "ModelSpec",
     "NonBlank",
     "OpenAIModel",
+    "RefineConfig",
     "RulesModel",
     "Sampling",
     "SearchConfig",
     "SelectionConfig",
+    "ThinkConfig",
     "TrainingConfig",
     "TransformersModel",
     "TreeConfig",
@@ -239,6 +241,45 @@ class LongResponseConfig(_Strict):
         ge=0,
         description="re-samples of a response whose final answer does not parse (paper: 2); "
         "still unparsed after them, it stays in the record without a score",
+    )
+
+
+class RefineConfig(_Strict):
+    """Test-time refinement (a Stage I model): N rounds of critique then refine per prompt."""
+
+    rounds: int = Field(2, ge=0, description="refinement rounds (paper: 'refine r2' = 2)")
+    sampling: Sampling = Field(
+        default_factory=lambda: Sampling(temperature=0.7, top_p=0.8, max_tokens=256, seed=0),
+        description="sampling of answers, critiques and refinements",
+    )
+    keep_best: bool = Field(
+        False,
+        description="with a reward model: a round that does not score higher keeps the "
+        "previous answer",
+    )
+    answers: str | None = Field(
+        None,
+        description="start from another system's outputs: JSONL/Parquet rows {prompt or "
+        "messages, response, generator} (cross-model refinement); null = the model answers",
+    )
+    on_bad_row: Literal["error", "skip"] = Field(
+        "error", description="a malformed answers row fails the run, or is skipped and recorded"
+    )
+    shard_size: int = Field(8, ge=1, description="imported answers per shard")
+
+
+class ThinkConfig(_Strict):
+    """Autonomous thinking (a Stage II model): one long response per prompt, final answer parsed."""
+
+    sampling: Sampling = Field(
+        default_factory=lambda: Sampling(temperature=0.7, top_p=0.8, max_tokens=1024, seed=0),
+        description="sampling of the long responses; max_tokens must hold a whole trajectory",
+    )
+    max_format_retries: int = Field(
+        5,
+        ge=0,
+        description="re-samples of a response whose final answer does not parse (paper: 5); "
+        "still unparsed, the prompt is recorded as a format failure",
     )
 
 

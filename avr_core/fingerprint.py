@@ -12,8 +12,10 @@ from avr_core.config import (
     IngestConfig,
     LongResponseConfig,
     ModelSpec,
+    RefineConfig,
     SearchConfig,
     SelectionConfig,
+    ThinkConfig,
     TreeConfig,
 )
 from avr_core.hashing import (
@@ -24,21 +26,26 @@ from avr_core.hashing import (
     sha256_hex,
     short_hash,
 )
+from avr_core.schemas import Sampling
 
 __all__ = [
     "canonical_json",
     "config_fingerprint",
     "file_sha256",
+    "answers_step_config",
     "ingest_step_config",
     "json_default",
     "long_response_step_config",
     "model_identity",
+    "own_answers_step_config",
+    "refine_step_config",
     "scored_trees_key",
     "scoring_step_config",
     "search_step_config",
     "selection_step_config",
     "sha256_hex",
     "short_hash",
+    "think_step_config",
     "tree_step_config",
 ]
 
@@ -115,6 +122,57 @@ def long_response_step_config(
         "step": "long_responses",
         "policy": model_identity(policy, policy_revision),
         "long": long.model_dump(mode="json"),
+    }
+
+
+def answers_step_config(source_sha256: str, refine: RefineConfig) -> dict[str, Any]:
+    """Imported answers depend on the file's bytes and how bad rows and shards are handled."""
+    return {
+        "step": "answers",
+        "source_sha256": source_sha256,
+        "on_bad_row": refine.on_bad_row,
+        "shard_size": refine.shard_size,
+    }
+
+
+def own_answers_step_config(
+    policy: ModelSpec, policy_revision: str | None, sampling: Sampling
+) -> dict[str, Any]:
+    """A model's own starting answers depend on it and their sampling."""
+    return {
+        "step": "own_answers",
+        "policy": model_identity(policy, policy_revision),
+        "sampling": sampling.model_dump(mode="json"),
+    }
+
+
+def refine_step_config(
+    policy: ModelSpec,
+    policy_revision: str | None,
+    reward: ModelSpec | None,
+    reward_revision: str | None,
+    templates_version: str,
+    refine: RefineConfig,
+) -> dict[str, Any]:
+    """Refinement rounds depend on the refining model, the reward (scores, keep_best), the
+    templates, the rounds and their sampling (the start is the upstream step)."""
+    return {
+        "step": "refine",
+        "policy": model_identity(policy, policy_revision),
+        "reward": None if reward is None else model_identity(reward, reward_revision),
+        "templates": templates_version,
+        "refine": refine.model_dump(mode="json", include={"rounds", "sampling", "keep_best"}),
+    }
+
+
+def think_step_config(
+    policy: ModelSpec, policy_revision: str | None, think: ThinkConfig
+) -> dict[str, Any]:
+    """Thinking depends on the (Stage II) model, its sampling and the retry bound."""
+    return {
+        "step": "think",
+        "policy": model_identity(policy, policy_revision),
+        "think": think.model_dump(mode="json"),
     }
 
 

@@ -10,7 +10,14 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 
-from avr_core.config import LongResponseConfig, SearchConfig, SelectionConfig, TreeConfig
+from avr_core.config import (
+    LongResponseConfig,
+    RefineConfig,
+    SearchConfig,
+    SelectionConfig,
+    ThinkConfig,
+    TreeConfig,
+)
 from avr_core.engines.base import Generator, RewardModel
 from avr_core.recursive import (
     SearchStats,
@@ -27,7 +34,9 @@ from avr_core.schemas import (
     Message,
     PreferencePair,
     PromptRecord,
+    RefinedAnswers,
     RefinementTree,
+    Sampling,
     SFTExample,
 )
 from avr_core.selection import (
@@ -41,15 +50,19 @@ from avr_core.selection import (
 from avr_core.steps import ShardCompute, ShardOutput
 from avr_core.synthesis import generate_trees, score_gains, score_trees
 from avr_core.templates import Templates, extract_final_answer
+from avr_core.testtime import own_starting_answers, refine_answers, think
 
 __all__ = [
     "lc_pair_shards",
+    "own_answer_shards",
     "long_response_shards",
     "long_scoring_shards",
     "pair_shards",
+    "refine_shards",
     "rsft_shards",
     "scoring_shards",
     "search_shards",
+    "think_shards",
     "trajectory_shards",
     "tree_shards",
 ]
@@ -257,5 +270,72 @@ def lc_pair_shards(selection: SelectionConfig) -> ShardCompute:
             "rejected_final_chars": [_final_chars(p.rejected) for p in pairs],
         }
         return ShardOutput(pairs, ShardStats(counts=counts, values=values))
+
+    return compute
+
+
+# ---- test time ---------------------------------------------------------------------------------
+
+
+def own_answer_shards(
+    generator: Callable[[], Generator], sampling: Sampling, lineage: Lineage
+) -> ShardCompute:
+    """Prompts -> round 0 of test-time refinement: the refining model's own answers."""
+
+    def compute(index: int, inputs: tuple[list[PromptRecord], ...]) -> ShardOutput:
+        (prompts,) = inputs
+        records, stats = own_starting_answers(generator(), prompts, sampling, lineage)
+        counts = {"prompts_in": len(prompts), "engine_calls": stats.engine_calls}
+        return ShardOutput(records, ShardStats(counts=counts))
+
+    return compute
+
+
+def refine_shards(
+    generator: Callable[[], Generator],
+    reward_model: Callable[[], RewardModel] | None,
+    templates: Templates,
+    refine: RefineConfig,
+) -> ShardCompute:
+    """Starting answers -> the same records with N refinement rounds (scored with a reward)."""
+
+    def compute(index: int, inputs: tuple[list[RefinedAnswers], ...]) -> ShardOutput:
+        (starts,) = inputs
+        reward = reward_model() if reward_model is not None else None
+        records, stats = refine_answers(
+            generator(), starts, templates, refine.rounds, refine.sampling, reward, refine.keep_best
+        )
+        counts = stats.model_dump(
+            include={"prompts", "engine_calls", "reward_calls", "kept_previous", "generated_chars"}
+        )
+        values: dict[str, list[float]] = {}
+        for record in records:
+            for k, round_ in enumerate(record.rounds):
+                values.setdefault(f"answer_chars_round_{k}", []).append(float(len(round_.answer)))
+                if round_.score is not None:
+                    values.setdefault(f"score_round_{k}", []).append(round_.score)
+        return ShardOutput(records, ShardStats(counts=counts, values=values))
+
+    return compute
+
+
+def think_shards(
+    generator: Callable[[], Generator], think_cfg: ThinkConfig, lineage: Lineage
+) -> ShardCompute:
+    """Prompts -> one long response each and its final answer (format failures kept)."""
+
+    def compute(index: int, inputs: tuple[list[PromptRecord], ...]) -> ShardOutput:
+        (prompts,) = inputs
+        records, stats = think(
+            generator(), prompts, think_cfg.sampling, think_cfg.max_format_retries, lineage
+        )
+        counts = stats.model_dump()
+        values = {
+            "response_chars": [float(len(r.response)) for r in records],
+            "final_answer_chars": [
+                float(len(r.final_answer)) for r in records if r.final_answer is not None
+            ],
+        }
+        return ShardOutput(records, ShardStats(counts=counts, values=values))
 
     return compute

@@ -38,6 +38,7 @@ from flows.params import (
     GenerateTreesParams,
     GreedySearchParams,
     IngestParams,
+    RefineParams,
     RegenerateParams,
     SampleLongResponsesParams,
     ScoreLongResponsesParams,
@@ -46,6 +47,7 @@ from flows.params import (
     SelectTrajectoriesParams,
     Stage1Params,
     Stage2Params,
+    ThinkParams,
     TrainDPOParams,
     TrainSFTParams,
 )
@@ -66,6 +68,7 @@ from flows.steps import (
     train_dpo_flow,
     train_sft_flow,
 )
+from flows.testtime import refine, think
 
 __all__ = [
     "CONFIG_FILES",
@@ -187,6 +190,8 @@ FLOWS: tuple[FlowEntry, ...] = (
         "flows/steps.py:build_lc_pairs_flow",
         CPU_POOL,
     ),
+    FlowEntry("refine", refine, RefineParams, "flows/testtime.py:refine", GPU_POOL),
+    FlowEntry("think", think, ThinkParams, "flows/testtime.py:think", GPU_POOL),
     FlowEntry(
         "regenerate",
         regenerate,

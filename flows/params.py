@@ -23,9 +23,11 @@ from avr_core.config import (
     ModelSpec,
     NonBlank,
     OpenAIModel,
+    RefineConfig,
     RulesModel,
     SearchConfig,
     SelectionConfig,
+    ThinkConfig,
     TrainingConfig,
     TransformersModel,
     TreeConfig,
@@ -42,6 +44,7 @@ __all__ = [
     "GenerateTreesParams",
     "GreedySearchParams",
     "IngestParams",
+    "RefineParams",
     "RegenerateParams",
     "RunParams",
     "SampleLongResponsesParams",
@@ -53,6 +56,7 @@ __all__ = [
     "Stage1Params",
     "Stage2Params",
     "Stage2Sections",
+    "ThinkParams",
     "TrainDPOParams",
     "TrainSFTParams",
     "default_storage_root",
@@ -408,3 +412,71 @@ class BuildLCPairsParams(RunParams):
         Stage2Steps.LONG_SCORED, description="(stage, step) of the scored responses"
     )
     target: StepRef = Field(Stage2Steps.LC_PAIRS, description="(stage, step) to write")
+
+
+# ---- test time ---------------------------------------------------------------------------------
+
+TESTTIME = "testtime"
+_STEP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _check_step_name(value: str) -> str:
+    if not _STEP_NAME.match(value):
+        raise ValueError(
+            f"name {value!r} must start with a letter or digit and hold only letters, digits, "
+            "'.', '_' and '-'"
+        )
+    return value
+
+
+StepName = Annotated[str, AfterValidator(_check_step_name)]
+
+
+class RefineParams(RunParams):
+    """Test-time refinement: N rounds of critique and refine by a Stage I model, over its own
+    answers or another system's (`refine.answers`); every round kept (the 0..N curve)."""
+
+    ingest: IngestConfig = Field(
+        default_factory=IngestConfig, description="the prompts (unused with refine.answers)"
+    )
+    policy: ModelSpec = Field(
+        default_factory=TransformersModel, description="the Stage I model that refines"
+    )
+    reward: ModelSpec | None = Field(
+        None, description="scores every round (the scaling curve) and decides keep_best"
+    )
+    templates_dir: str | None = Field(None, description=_TEMPLATES)
+    refine: RefineConfig = Field(default_factory=RefineConfig, description="rounds and sampling")
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig, description=_EXECUTION)
+    name: StepName = Field("refine", description="writes testtime/{name} (+ {name}_start)")
+
+    @model_validator(mode="after")
+    def _keep_best_needs_reward(self) -> RefineParams:
+        if self.refine.keep_best and self.reward is None:
+            raise ValueError("refine.keep_best needs a reward model: set `reward`")
+        return self
+
+    @property
+    def start_step(self) -> StepRef:
+        return StepRef(TESTTIME, f"{self.name}_start")
+
+    @property
+    def refined_step(self) -> StepRef:
+        return StepRef(TESTTIME, self.name)
+
+
+class ThinkParams(RunParams):
+    """Autonomous thinking: a Stage II model answers each prompt with one long response; the
+    final answer is parsed after the trajectory marker (format failures kept and counted)."""
+
+    ingest: IngestConfig = Field(default_factory=IngestConfig, description="the prompts")
+    policy: ModelSpec = Field(
+        default_factory=TransformersModel, description="the Stage II model that thinks"
+    )
+    think: ThinkConfig = Field(default_factory=ThinkConfig, description="sampling and retries")
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig, description=_EXECUTION)
+    name: StepName = Field("think", description="writes testtime/{name}")
+
+    @property
+    def step(self) -> StepRef:
+        return StepRef(TESTTIME, self.name)

@@ -15,7 +15,7 @@ from avr_core.config import weights_path
 from avr_core.reporting import format_run_summary, render_run_markdown
 from avr_core.results import RunSummary, StepResult, TrainResult
 from avr_core.steps import Stage1Steps as S
-from flows.params import Stage1DataParams, Stage1Params
+from flows.params import RunParams, Stage1Params
 from tasks.datasets import build_pairs_task, select_rsft_task
 from tasks.prompts import ingest_prompts_task
 from tasks.runlog import artifact_key, hold_run, start_run_task
@@ -53,7 +53,7 @@ def run_stage1(p: Stage1Params) -> tuple[list[StepResult], list[TrainResult]]:
 
 def publish_summary(
     flow_name: str,
-    p: Stage1DataParams,
+    p: RunParams,
     run_record_uri: str,
     steps: list[StepResult],
     models: list[TrainResult],

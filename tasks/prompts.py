@@ -29,10 +29,10 @@ from avr_core.steps import ShardOutput, StepIO, plan_step, split_into_shards
 from tasks.engines import local_model_dir, open_store, settings
 from tasks.step_runner import execute_plan
 
-__all__ = ["ingest_prompts_task"]
+__all__ = ["ingest_prompts_task", "retry_transient_only"]
 
 
-def _retry_transient_only(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
+def retry_transient_only(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
     """Prefect's retry_condition_fn: a bad or missing source fails the same way every time."""
     error = state.result(raise_on_failure=False)
     return isinstance(error, BaseException) and is_retryable_ingest_error(error)
@@ -73,7 +73,7 @@ def _token_limit(
     # A bad, missing or unreadable source is not retried: it would fail the same way again.
     retries=2,
     retry_delay_seconds=exponential_backoff(backoff_factor=5),
-    retry_condition_fn=_retry_transient_only,
+    retry_condition_fn=retry_transient_only,
 )
 def ingest_prompts_task(
     io: StepIO,
