@@ -14,7 +14,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    field_validator,
+    model_validator,
+)
 
 from avr_core.models import TINY_MODEL
 from avr_core.schemas import Sampling
@@ -22,6 +30,7 @@ from avr_core.schemas import Sampling
 __all__ = [
     "DEFAULT_MAX_PROMPT_CHARS",
     "DPO_LOSS_TYPES",
+    "EvaluationConfig",
     "ExecutionConfig",
     "IngestConfig",
     "LongResponseConfig",
@@ -33,6 +42,7 @@ __all__ = [
     "Sampling",
     "SearchConfig",
     "SelectionConfig",
+    "SystemRef",
     "ThinkConfig",
     "TrainingConfig",
     "TransformersModel",
@@ -281,6 +291,70 @@ class ThinkConfig(_Strict):
         description="re-samples of a response whose final answer does not parse (paper: 5); "
         "still unparsed, the prompt is recorded as a format failure",
     )
+
+
+_LABEL = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
+class SystemRef(_Strict):
+    """A system to evaluate: a stored step holding answers, or a file of another system's."""
+
+    name: str = Field(pattern=_LABEL, description="label in the tables, plots and exports")
+    step: str | None = Field(
+        None, description="stage/step of a refine or think step, e.g. testtime/refine"
+    )
+    run: str | None = Field(None, description="run holding the step (default: this run)")
+    answers: str | None = Field(
+        None, description="or a JSONL/Parquet file of {prompt or messages, response, generator}"
+    )
+    round: int | None = Field(
+        None, ge=0, description="refine steps: only this round (default: every round)"
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SystemRef:
+        if (self.step is None) == (self.answers is None):
+            raise ValueError(f"system {self.name!r}: set exactly one of `step` or `answers`")
+        if self.step is not None and self.step.count("/") != 1:
+            raise ValueError(f"system {self.name!r}: step {self.step!r} must be stage/step")
+        return self
+
+    @property
+    def stage_step(self) -> tuple[str, str]:
+        if self.step is None:
+            raise ValueError(f"system {self.name!r} is a file, not a step")
+        stage, step = self.step.split("/")
+        return stage, step
+
+
+class EvaluationConfig(_Strict):
+    """What an evaluation compares and how its figures are computed."""
+
+    systems: list[SystemRef] = Field(
+        default_factory=list, description="the candidates (at least one)"
+    )
+    baseline: SystemRef | None = Field(None, description="what every candidate is compared with")
+    judge_sampling: Sampling = Field(
+        default_factory=lambda: Sampling(temperature=0.0, max_tokens=256, seed=0),
+        description="sampling of the pairwise judge (greedy by default)",
+    )
+    judge_template: str | None = Field(
+        None, description="pairwise judge template file (default: bundled eval/pairwise.jinja)"
+    )
+    resamples: int = Field(1000, ge=1, description="bootstrap resamples per CI (seeded)")
+    seed: int = Field(0, description="bootstrap seed")
+    shard_size: int = Field(32, ge=1, description="prompts judged per shard (checkpointing)")
+    name: str = Field("eval", pattern=_LABEL, description="writes eval/{name}, reports/{name}/")
+
+    def check_runnable(self) -> None:
+        """Deployment defaults leave systems open: they must be set before a run."""
+        if not self.systems:
+            raise ValueError("evaluation.systems is empty: name at least one system")
+        if self.baseline is None:
+            raise ValueError("evaluation.baseline is not set")
+        names = [s.name for s in self.systems] + [self.baseline.name]
+        if len(set(names)) != len(names):
+            raise ValueError(f"evaluation: system names must differ, got {names}")
 
 
 class SelectionConfig(_Strict):

@@ -24,6 +24,8 @@ import numpy as np
 from pydantic import BaseModel, Field
 from sklearn.linear_model import LogisticRegression
 
+from avr_core.schemas import Judgement
+
 __all__ = [
     "DEFAULT_RESAMPLES",
     "Estimate",
@@ -162,24 +164,6 @@ def length_controlled_win_rate(
 
 
 # ---- per-prompt judgements -> per-system summaries ---------------------------------------------
-
-
-class Judgement(BaseModel):
-    """One prompt x system x judge: the candidate's preference over the baseline and what it
-    was computed from (a row of the evaluation table)."""
-
-    prompt_id: str
-    system: str
-    baseline: str
-    judge: str
-    preference: float | None = Field(description="None: the judge gave no usable verdict")
-    candidate_score: float | None = None
-    baseline_score: float | None = None
-    candidate_chars: int = Field(description="characters of the candidate's (final) answer")
-    baseline_chars: int
-    candidate_response_chars: int = Field(description="the whole response (thinking included)")
-    rounds: int = Field(0, description="refinement rounds behind the candidate's answer")
-    consistent: bool | None = Field(None, description="pairwise judge: both orders agreed")
 
 
 class SystemSummary(BaseModel):

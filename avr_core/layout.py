@@ -7,6 +7,7 @@
     runs/{run}/{stage}/rejects.jsonl                   prompt rows that failed validation
     runs/{run}/_records/{stage}/{step}.json            one small record per finished step
     runs/{run}/checkpoints/{train_step}/...            trainer checkpoints, final/, markers
+    runs/{run}/reports/{name}/...                      an evaluation's summary, plots, exports
     runs/{run}/regenerate.json                         a regenerated version's record
     versions/{dataset}/{version}.json, latest.json     published versions of a dataset
 
@@ -121,6 +122,11 @@ class RunLayout:
     def rejects(self, ref: StepRef) -> str:
         """Rejected input rows of an ingest step: beside its step directory, not inside."""
         return f"{self.directory}/{check_name('stage', ref[0])}/rejects.jsonl"
+
+    def report(self, name: str, file: str = "") -> str:
+        """runs/{run}/reports/{name}/{file}: an evaluation's summary, plots and exports."""
+        base = f"{self.directory}/reports/{check_name('report', name)}"
+        return f"{base}/{file}" if file else base
 
     def checkpoints(self, train_step: str) -> str:
         return f"{self.directory}/{CHECKPOINTS}/{check_name('train_step', train_step)}"

@@ -411,6 +411,43 @@ class ThoughtAnswer(ArrowRecord):
     )
 
 
+class Judgement(ArrowRecord):
+    """One prompt x system x judge of an evaluation: the candidate's preference over the
+    baseline (None: the judge gave no usable verdict, counted) and what it was computed from."""
+
+    prompt_id: str
+    system: str
+    baseline: str
+    judge: str
+    preference: float | None = None
+    candidate_score: float | None = None
+    baseline_score: float | None = None
+    candidate_chars: int = Field(0, description="characters of the candidate's (final) answer")
+    baseline_chars: int = 0
+    candidate_response_chars: int = Field(0, description="the whole response, thinking included")
+    rounds: int = Field(0, description="refinement rounds behind the candidate's answer")
+    consistent: bool | None = Field(None, description="pairwise judge: both orders agreed")
+    detail: str = Field("", description="judge output (pairwise: both replies), for auditing")
+
+    arrow_schema: ClassVar[pa.Schema] = pa.schema(
+        [
+            ("prompt_id", pa.string()),
+            ("system", pa.string()),
+            ("baseline", pa.string()),
+            ("judge", pa.string()),
+            ("preference", pa.float64()),
+            ("candidate_score", pa.float64()),
+            ("baseline_score", pa.float64()),
+            ("candidate_chars", pa.int64()),
+            ("baseline_chars", pa.int64()),
+            ("candidate_response_chars", pa.int64()),
+            ("rounds", pa.int64()),
+            ("consistent", pa.bool_()),
+            ("detail", pa.string()),
+        ]
+    )
+
+
 RECORD_TYPES: dict[str, type[ArrowRecord]] = {
     cls.__name__: cls
     for cls in (
@@ -422,6 +459,7 @@ RECORD_TYPES: dict[str, type[ArrowRecord]] = {
         CoTSample,
         RefinedAnswers,
         ThoughtAnswer,
+        Judgement,
     )
 }
 

@@ -31,10 +31,12 @@ from flows.config_files import (
     sections_for,
     validate_config,
 )
+from flows.evaluate import evaluate
 from flows.params import (
     AvrParams,
     BuildLCPairsParams,
     BuildPairsParams,
+    EvaluateParams,
     GenerateTreesParams,
     GreedySearchParams,
     IngestParams,
@@ -192,6 +194,7 @@ FLOWS: tuple[FlowEntry, ...] = (
     ),
     FlowEntry("refine", refine, RefineParams, "flows/testtime.py:refine", GPU_POOL),
     FlowEntry("think", think, ThinkParams, "flows/testtime.py:think", GPU_POOL),
+    FlowEntry("evaluate", evaluate, EvaluateParams, "flows/evaluate.py:evaluate", GPU_POOL),
     FlowEntry(
         "regenerate",
         regenerate,

@@ -22,6 +22,7 @@ from avr_core.storage import DatasetStore, StepStatus
 from avr_core.versions import PublishedVersion
 from flows.config_files import ConfigError
 from flows.params import RunParams, resolve_storage_root
+from tasks.evaluate import EvaluationReport, format_report
 
 __all__ = [
     "RunOverview",
@@ -233,6 +234,8 @@ def print_outputs(params: BaseModel, result: Any, settings: AvrSettings) -> None
         print(f"{result.name}: {result.rows} rows in {result.shards} shards  {result.uri}")
     elif isinstance(result, TrainResult):
         print(f"{result.train_step}: final model {result.final_uri}")
+    elif isinstance(result, EvaluationReport):
+        print(format_report(result))
     elif isinstance(result, BaseModel):
         print(result.model_dump_json(indent=2))
     if run is not None and isinstance(params, RunParams):

@@ -17,6 +17,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from avr_core.config import (
+    EvaluationConfig,
     ExecutionConfig,
     IngestConfig,
     LongResponseConfig,
@@ -41,6 +42,7 @@ __all__ = [
     "AvrParams",
     "BuildLCPairsParams",
     "BuildPairsParams",
+    "EvaluateParams",
     "GenerateTreesParams",
     "GreedySearchParams",
     "IngestParams",
@@ -480,3 +482,29 @@ class ThinkParams(RunParams):
     @property
     def step(self) -> StepRef:
         return StepRef(TESTTIME, self.name)
+
+
+# ---- evaluation --------------------------------------------------------------------------------
+
+
+class EvaluateParams(RunParams):
+    """Compare systems' answers with a baseline's on the same prompts: reward-model and pairwise
+    LLM-judge win rates, length-controlled win rates, lengths, every figure with a bootstrap CI;
+    a table in storage, plots, AlpacaEval JSON per system and an artifact."""
+
+    evaluation: EvaluationConfig = Field(
+        default_factory=EvaluationConfig, description="systems, baseline, statistics"
+    )
+    reward: ModelSpec | None = Field(
+        default_factory=RulesModel, description="reward-model judge (null: none)"
+    )
+    judge: ModelSpec | None = Field(
+        None, description="pairwise LLM judge, both orders per pair (null: none)"
+    )
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig, description=_EXECUTION)
+
+    def check_runnable(self) -> None:
+        """What a deployment's defaults may leave open must be set before a run."""
+        self.evaluation.check_runnable()
+        if self.reward is None and self.judge is None:
+            raise ValueError("evaluate: no judge: set `reward`, `judge` or both")

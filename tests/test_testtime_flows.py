@@ -1,15 +1,26 @@
-"""The `refine` and `think` flows end to end on the tiny model under a Prefect harness."""
+"""The `refine`, `think` and `evaluate` flows end to end on the tiny model under a Prefect harness."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from avr_core.config import ExecutionConfig, IngestConfig, RefineConfig, RulesModel, ThinkConfig
-from avr_core.schemas import RefinedAnswers, Sampling, ThoughtAnswer
+from avr_core.config import (
+    EvaluationConfig,
+    ExecutionConfig,
+    IngestConfig,
+    RefineConfig,
+    RulesModel,
+    SystemRef,
+    ThinkConfig,
+    TransformersModel,
+)
+from avr_core.schemas import Judgement, RefinedAnswers, Sampling, ThoughtAnswer
 from avr_core.storage import DatasetStore
-from flows.params import RefineParams, ThinkParams
+from flows.evaluate import evaluate
+from flows.params import EvaluateParams, RefineParams, ThinkParams
 from flows.testtime import refine, think
 from tests.test_stage1_flow import _artifact_markdown
 
@@ -103,3 +114,76 @@ def test_think_records_every_prompt_and_counts_format_failures(prefect_harness, 
     for record in records:
         assert record.format_failure == (record.final_answer is None)
         assert record.response
+
+
+def test_evaluate_refine_rounds_and_thinking_against_the_start(prefect_harness, tmp_path):
+    from PIL import Image
+
+    root = f"file://{tmp_path}/store"
+    run = "evaluated"
+    ingest = IngestConfig(max_prompts=4, shard_size=2)
+    refine(
+        RefineParams(
+            run_name=run,
+            storage_root=root,
+            ingest=ingest,
+            refine=RefineConfig(rounds=1, sampling=Sampling(max_tokens=24, seed=0)),
+            execution=EXECUTION,
+        )
+    )
+    think(
+        ThinkParams(
+            run_name=run,
+            storage_root=root,
+            ingest=ingest,
+            think=ThinkConfig(sampling=Sampling(max_tokens=24, seed=0), max_format_retries=0),
+            execution=EXECUTION,
+        )
+    )
+    evaluation = EvaluationConfig(
+        systems=[
+            SystemRef(name="refined", step="testtime/refine"),
+            SystemRef(name="thinker", step="testtime/think"),
+        ],
+        baseline=SystemRef(name="start", step="testtime/refine", round=0),
+        judge_sampling=Sampling(temperature=0.0, max_tokens=16, seed=0),
+        resamples=200,
+        shard_size=2,
+    )
+    report = evaluate(
+        EvaluateParams(
+            run_name=run,
+            storage_root=root,
+            evaluation=evaluation,
+            reward=RulesModel(length_penalty=1.0),
+            judge=TransformersModel(),  # the tiny model as pairwise judge
+            execution=EXECUTION,
+        )
+    )
+    store = DatasetStore(root)
+    rows = store.read_records(run, "eval", "eval", Judgement)
+    systems = ["refined@round0", "refined@round1", "thinker"]
+    assert len(rows) == 4 * len(systems) * 2  # prompts x systems x judges
+    assert {r.system for r in rows} == set(systems) and {r.baseline for r in rows} == {"start"}
+    summaries = {(s.system, s.judge.split(":")[0]): s for s in report.summaries}
+    assert set(summaries) == {(s, j) for s in systems for j in ("reward", "pairwise")}
+    for summary in report.summaries:
+        assert summary.prompts == 4 and summary.judged + summary.unjudged == 4
+        for estimate in (summary.win_rate, summary.lc_win_rate):
+            if estimate is not None:
+                assert estimate.ci_low <= estimate.value <= estimate.ci_high
+    # round 0 against itself: every reward game is a tie
+    assert summaries[("refined@round0", "reward")].win_rate.value == 50.0
+    for uri in report.plots.values():
+        image = Image.open(uri.removeprefix("file://"))
+        image.load()
+        assert image.format == "PNG"
+    assert set(report.plots) == {"win_rate", "scaling"}
+    for name in ("refined@round1", "thinker", "start"):
+        exported = json.loads(Path(report.alpaca_eval[name].removeprefix("file://")).read_text())
+        assert len(exported) == 4
+        assert all(set(row) == {"instruction", "output", "generator"} for row in exported)
+        assert {row["generator"] for row in exported} == {name}
+    markdown = _artifact_markdown(f"{run}-evaluation-eval")
+    assert "win rate % [95% CI]" in markdown and "thinker" in markdown
+    assert report.plots["win_rate"] in markdown
