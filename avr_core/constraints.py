@@ -24,6 +24,8 @@ its exact rule:
 |                      |                              | as JSON                                                 |
 | `no_commas`          | none                         | the response contains no `,`                            |
 | `keyword_frequency`  | `keyword`, `min?`, `max?`    | min <= whole-word occurrences of keyword <= max         |
+| `ifeval`             | `id`, `kwargs?`              | IFEval instruction `id` (e.g. `keywords:existence`) with|
+|                      |                              | its IFEval `kwargs` passes lm-eval's strict checker     |
 
 Range types need at least one of `min`/`max` (non-negative integers, min <= max). Bad constraints
 fail with a `ValueError` naming the constraint type and argument: `validate_constraints` runs at
@@ -41,6 +43,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from avr_core.ifeval import follows_instructions, instruction_ids
 from avr_core.schemas import Constraint
 
 __all__ = [
@@ -115,6 +118,8 @@ def _is_json(text: str) -> bool:
 _COUNT = "count"  # a non-negative integer bound
 _KEYWORDS = "keywords"  # a non-empty list of non-empty strings
 _TEXT = "text"  # a non-empty string
+_OBJECT = "object"  # a mapping (e.g. IFEval kwargs)
+_INSTRUCTION = "instruction"  # an IFEval instruction id known to the checkers
 
 
 @dataclass(frozen=True)
@@ -181,6 +186,24 @@ _TYPES: list[ConstraintType] = [
     ),
 ]
 
+
+def _follows_ifeval(response: str, args: Mapping[str, Any]) -> bool:
+    """IFEval's strict check of one instruction (the maintained checkers, see avr_core.ifeval)."""
+    kwargs = dict(args.get("kwargs") or {})
+    return follows_instructions("", response, [args["id"]], [kwargs]).strict[0]
+
+
+# IFEval-format constraints (`instruction_id_list` + `kwargs` rows, as in IFEval and Tulu 3 RLVR
+# data) are checked by lm-eval's checkers, not written again here.
+_TYPES.append(
+    ConstraintType(
+        "ifeval",
+        check=_follows_ifeval,
+        required={"id": _INSTRUCTION},
+        optional={"kwargs": _OBJECT},
+    )
+)
+
 CONSTRAINT_TYPES: dict[str, ConstraintType] = {t.name: t for t in _TYPES}
 CONSTRAINT_CHECKERS: dict[str, Callable[[str, Mapping[str, Any]], bool]] = {
     t.name: t.check for t in _TYPES
@@ -204,6 +227,10 @@ def _check_arg(kind: str, value: Any) -> str | None:
             return f"must be a non-empty list of non-empty strings, got {value!r}"
     elif kind == _TEXT and (not isinstance(value, str) or not value.strip()):
         return f"must be a non-empty string, got {value!r}"
+    elif kind == _OBJECT and not isinstance(value, Mapping):
+        return f"must be an object, got {value!r}"
+    elif kind == _INSTRUCTION and (not isinstance(value, str) or value not in instruction_ids()):
+        return f"must be an IFEval instruction id (e.g. keywords:existence), got {value!r}"
     return None
 
 

@@ -324,11 +324,40 @@ def _check_size(
         )
 
 
+def _ifeval_constraints_of(row: Mapping[str, Any]) -> list[Constraint]:
+    """IFEval-format instructions (`instruction_id_list` + `kwargs`, as in the IFEval and Tulu 3
+    RLVR data) as `ifeval` constraints, checked by lm-eval's IFEval checkers."""
+    ids, kwargs = row.get("instruction_id_list"), row.get("kwargs")
+    if ids is None:
+        if kwargs is not None:
+            raise _RowProblem("kwargs", "given without instruction_id_list")
+        return []
+    if not isinstance(ids, list | tuple) or not all(isinstance(i, str) for i in ids):
+        raise _RowProblem("instruction_id_list", f"must be a list of strings, got {ids!r}")
+    kwargs = [{} for _ in ids] if kwargs is None else kwargs
+    if not isinstance(kwargs, list | tuple) or len(kwargs) != len(ids):
+        raise _RowProblem("kwargs", f"must be a list with one object per instruction ({len(ids)})")
+    constraints = []
+    for i, (instruction, args) in enumerate(zip(ids, kwargs, strict=True)):
+        if not isinstance(args, Mapping):
+            raise _RowProblem(f"kwargs[{i}]", f"must be an object, got {_type_name(args)}")
+        # IFEval rows list every kwarg of every instruction, unused ones as null: keep the rest.
+        used = {k: v for k, v in args.items() if v is not None}
+        try:
+            constraints.append(
+                validate_constraint({"type": "ifeval", "args": {"id": instruction, "kwargs": used}})
+            )
+        except ValueError as err:
+            raise _RowProblem(f"instruction_id_list[{i}]", str(err)) from err
+    return constraints
+
+
 def _constraints_of(row: Mapping[str, Any]) -> list[Constraint]:
-    """The row's constraints, validated; `args` may be an object or (as stored) a JSON string."""
+    """The row's constraints, validated; `args` may be an object or (as stored) a JSON string.
+    IFEval-format columns add `ifeval` constraints."""
     value = row.get("constraints")
     if value is None:
-        return []
+        return _ifeval_constraints_of(row)
     if not isinstance(value, list | tuple):
         raise _RowProblem("constraints", f"must be a list, got {_type_name(value)}")
     constraints = []
@@ -347,7 +376,7 @@ def _constraints_of(row: Mapping[str, Any]) -> list[Constraint]:
             constraints.append(validate_constraint(item, where=where))
         except ValueError as err:
             raise _RowProblem(where, str(err)) from err
-    return constraints
+    return constraints + _ifeval_constraints_of(row)
 
 
 def _source_of(row: Mapping[str, Any], default: str) -> str:

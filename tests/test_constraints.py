@@ -14,6 +14,7 @@ from avr_core.constraints import (
     check_constraint,
     count_words,
     score_constraints,
+    validate_constraint,
     validate_constraints,
 )
 from avr_core.engines import UnsupportedBackendError, load_generator, load_reward_model
@@ -55,7 +56,29 @@ CASES = [
         "weekends, weekend",
     ),
     (c("keyword_frequency", keyword="bread", max=1), "bread and breadsticks", "Bread, bread"),
+    # IFEval instructions, checked by lm-eval's maintained checkers (avr_core.ifeval)
+    (
+        c("ifeval", id="keywords:existence", kwargs={"keywords": ["autumn"]}),
+        "Autumn leaves fall.",
+        "Spring flowers bloom.",
+    ),
+    (
+        c(
+            "ifeval",
+            id="length_constraints:number_sentences",
+            kwargs={"relation": "less than", "num_sentences": 2},
+        ),
+        "One sentence only.",
+        "One. Two. Three.",
+    ),
 ]
+
+
+def test_ifeval_constraints_are_validated_by_name():
+    with pytest.raises(ValueError, match="must be an IFEval instruction id.*'made:up'"):
+        validate_constraint(c("ifeval", id="made:up"))
+    with pytest.raises(ValueError, match="argument 'kwargs' must be an object"):
+        validate_constraint(c("ifeval", id="keywords:existence", kwargs=["autumn"]))
 
 
 def test_every_constraint_type_is_covered() -> None:
@@ -167,3 +190,38 @@ def test_demo_prompts_are_valid_and_varied() -> None:
             assert constraint["args"].get("max", 0) <= 120, f"row {row}"
         prompts.add(item["prompt"])
     assert len(prompts) == 24
+
+
+def test_ifeval_rows_become_constraints_the_rules_reward_scores(tmp_path):
+    import json as json_module
+
+    from avr_core.ingest import BadRowError, read_prompts
+
+    row = {
+        "prompt": "Write about autumn in fewer than 2 sentences.",
+        "instruction_id_list": ["keywords:existence", "length_constraints:number_sentences"],
+        # IFEval rows list unused kwargs as null
+        "kwargs": [
+            {"keywords": ["autumn"], "num_sentences": None, "relation": None},
+            {"keywords": None, "num_sentences": 2, "relation": "less than"},
+        ],
+    }
+    source = tmp_path / "ifeval.jsonl"
+    source.write_text(json_module.dumps(row) + "\n")
+    (prompt,) = read_prompts(str(source)).prompts
+    assert [x.args["id"] for x in prompt.constraints] == row["instruction_id_list"]
+    assert prompt.constraints[0].args["kwargs"] == {"keywords": ["autumn"]}
+    reward = RulesRewardModel(RulesModel())
+    conversation = [Message(role="user", content=row["prompt"])]
+    scores = reward.score(
+        [
+            [*conversation, Message(role="assistant", content="Autumn is golden.")],
+            [*conversation, Message(role="assistant", content="Leaves fall. Days cool. Wind.")],
+        ],
+        [prompt.constraints, prompt.constraints],
+    )
+    assert scores[0] > scores[1]
+    bad = {**row, "instruction_id_list": ["keywords:existence", "made:up"]}
+    source.write_text(json_module.dumps(bad) + "\n")
+    with pytest.raises(BadRowError, match=r"row 0.*instruction_id_list\[1\].*made:up"):
+        read_prompts(str(source))
