@@ -263,9 +263,15 @@ class Round(BaseModel):
     answer: str
     critiques: list[Critique] = Field(default_factory=list)
     best: tuple[int, int] | None = Field(
-        None, description="[critique_index, refinement_index] of the refinement that won the round"
+        None,
+        description="[critique_index, refinement_index] of the refinement that beat the current "
+        "answer (None: the round did not improve, and the search stopped)",
     )
-    best_score: float | None = None
+    best_score: float | None = Field(
+        None,
+        description="the round's highest refinement score (the winner's when `best` is set; "
+        "None when no refinement was scored)",
+    )
 
 
 ROUND_TYPE = pa.struct(
