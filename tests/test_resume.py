@@ -9,14 +9,8 @@ engine calls the re-run made, and that the final datasets hold exactly one row p
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -55,17 +49,10 @@ from flows.steps import (
     score_trees_flow,
     select_rsft_flow,
 )
+from tests.crashes import file_states, kill_once_committed
 from tests.fakes import EngineCall, RecordingGenerator
 
 pytestmark = pytest.mark.slow  # starts a Prefect API server
-
-
-def _file_states(directory: Path) -> dict[str, tuple[int, str]]:
-    """mtime (ns) and sha256 of every shard file in a step directory."""
-    return {
-        path.name: (path.stat().st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest())
-        for path in sorted(directory.glob("part-*.parquet"))
-    }
 
 
 def _shard_of(store: DatasetStore, run: str, index: int) -> set[str]:
@@ -121,7 +108,7 @@ def test_failed_shard_is_the_only_one_recomputed(prefect_harness, tmp_path, monk
     assert len(loads) == 2  # one engine load per attempt, not per shard
     assert sum(1 for attempt, _ in calls if attempt == 1) == 3 * 3 + 1  # 3 levels x 3 shards + 1
     trees_dir = tmp_path / "store/runs" / run / "stage1/seed_trees"
-    committed = _file_states(trees_dir)
+    committed = file_states(trees_dir)
     assert sorted(committed) == ["part-00000.parquet", "part-00001.parquet", "part-00003.parquet"]
     assert not (trees_dir / "_manifest.json").exists()
 
@@ -133,7 +120,7 @@ def test_failed_shard_is_the_only_one_recomputed(prefect_harness, tmp_path, monk
     result = generate_trees_flow(params)
     assert shards_called() == {1: {2}} and len(calls) == 3  # answers, critiques, refinements
     assert (result.shards_computed, result.shards_skipped) == (1, 3)
-    after = _file_states(trees_dir)
+    after = file_states(trees_dir)
     assert {name: after[name] for name in committed} == committed
     trees = store.read_records(run, *Stage1Steps.SEED_TREES, RefinementTree)
     assert sorted(t.prompt_id for t in trees) == sorted(prompt_ids)
@@ -145,7 +132,7 @@ def test_failed_shard_is_the_only_one_recomputed(prefect_harness, tmp_path, monk
     loads.clear()
     again = generate_trees_flow(params)
     assert calls == [] and loads == [] and again.shards_computed == 0
-    assert _file_states(trees_dir) == after
+    assert file_states(trees_dir) == after
 
     # The downstream data steps run on the resumed trees with the real rules reward.
     reward = RulesModel(length_penalty=1.0)
@@ -200,29 +187,10 @@ def test_killed_stage1_run_resumes_without_recomputing(prefect_harness, tmp_path
     root = f"file://{tmp_path}/store"
     params = _kill_params(root)
     trees_dir = tmp_path / "store/runs/killed/stage1/seed_trees"
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
-    child = subprocess.Popen(
-        [sys.executable, "-c", _CHILD, params.model_dump_json()],
-        env=env,
-        cwd=Path(__file__).resolve().parents[1],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
+    kill_once_committed(
+        _CHILD, params.model_dump_json(), trees_dir / "part-00000.parquet", PREFECT_API_URL.value()
     )
-    deadline = time.monotonic() + 480
-    try:
-        while not (trees_dir / "part-00000.parquet").exists():
-            if child.poll() is not None:
-                pytest.fail(f"stage1 child exited early: {child.stderr.read().decode()[-3000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail("no tree shard was committed within 8 minutes")
-            time.sleep(0.05)
-    finally:
-        if child.poll() is None:
-            os.killpg(child.pid, signal.SIGKILL)  # a real crash: no cleanup, no finally blocks
-        child.wait()
-    assert child.returncode == -signal.SIGKILL
-    committed = _file_states(trees_dir)
+    committed = file_states(trees_dir)
     assert 1 <= len(committed) < 4, committed
     assert not (trees_dir / "_manifest.json").exists()
 
@@ -250,7 +218,7 @@ def test_killed_stage1_run_resumes_without_recomputing(prefect_harness, tmp_path
     missing = 4 - len(committed)
     assert len(calls) == 3 * missing  # answers, critiques, refinements per missing shard
     assert (result.shards_computed, result.shards_skipped) == (missing, len(committed))
-    after = _file_states(trees_dir)
+    after = file_states(trees_dir)
     assert {name: after[name] for name in committed} == committed
 
     store = DatasetStore(root)

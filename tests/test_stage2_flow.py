@@ -8,10 +8,6 @@ length-controlled pair obeys the length rule, and that both Stage II trainings m
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -47,6 +43,7 @@ from flows.inspect_runs import show_step, summarize_run
 from flows.params import AvrParams, GreedySearchParams, IngestParams, Stage2Params
 from flows.stage2 import stage2
 from flows.steps import greedy_search_flow, ingest_prompts_flow
+from tests.crashes import file_states, kill_once_committed
 from tests.test_stage1_flow import _artifact_markdown, _local_model, _tensor
 
 pytestmark = pytest.mark.slow  # Prefect API server, the tiny model, training
@@ -226,15 +223,6 @@ greedy_search_flow(GreedySearchParams.model_validate_json(sys.argv[1]))
 """
 
 
-def _file_states(directory: Path) -> dict[str, tuple[int, str]]:
-    import hashlib
-
-    return {
-        path.name: (path.stat().st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest())
-        for path in sorted(directory.glob("part-*.parquet"))
-    }
-
-
 @pytest.mark.timeout(1800)
 def test_killed_greedy_search_resumes_without_recomputing(prefect_harness, tmp_path, monkeypatch):
     from prefect.settings import PREFECT_API_URL
@@ -255,29 +243,10 @@ def test_killed_greedy_search_resumes_without_recomputing(prefect_harness, tmp_p
         execution=ExecutionConfig(batch_size=4, device="cpu"),
     )
     search_dir = tmp_path / f"store/runs/{run}/stage2/search"
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
-    child = subprocess.Popen(
-        [sys.executable, "-c", _CHILD, params.model_dump_json()],
-        env=env,
-        cwd=Path(__file__).resolve().parents[1],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
+    kill_once_committed(
+        _CHILD, params.model_dump_json(), search_dir / "part-00000.parquet", PREFECT_API_URL.value()
     )
-    deadline = time.monotonic() + 480
-    try:
-        while not (search_dir / "part-00000.parquet").exists():
-            if child.poll() is not None:
-                pytest.fail(f"search child exited early: {child.stderr.read().decode()[-3000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail("no search shard was committed within 8 minutes")
-            time.sleep(0.05)
-    finally:
-        if child.poll() is None:
-            os.killpg(child.pid, signal.SIGKILL)  # a real crash: no cleanup, no finally blocks
-        child.wait()
-    assert child.returncode == -signal.SIGKILL
-    committed = _file_states(search_dir)
+    committed = file_states(search_dir)
     assert 1 <= len(committed) < 4, committed
     assert not (search_dir / "_manifest.json").exists()
 
@@ -308,7 +277,7 @@ def test_killed_greedy_search_resumes_without_recomputing(prefect_harness, tmp_p
     missing = 4 - len(committed)
     assert (result.shards_computed, result.shards_skipped) == (missing, len(committed))
     assert seen and not seen & done_prompts  # no committed prompt was searched again
-    after = _file_states(search_dir)
+    after = file_states(search_dir)
     assert {name: after[name] for name in committed} == committed
     prompts = store.read_records(run, *Stage1Steps.PROMPTS, PromptRecord)
     searches = store.read_records(run, *Stage2Steps.SEARCH, GreedySearch)
