@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field
 
 from avr_core.engines.base import Generator, RewardModel
 from avr_core.schemas import Constraint, Conversation, Message, Sampling
-from avr_core.synthesis import SynthesisStats, chat_checked
+from avr_core.synthesis import SynthesisStats, chat_checked, score_checked
 from avr_core.templates import BUNDLED_TEMPLATE_DIR
 
 __all__ = [
@@ -74,12 +74,7 @@ def reward_preferences(
         for prompt, answer in zip(prompts, answers, strict=True)
     ]
     rules = None if constraints is None else [*constraints, *constraints]
-    scores = [float(s) for s in reward.score(conversations, rules)] if conversations else []
-    if len(scores) != len(conversations):
-        raise ValueError(
-            f"reward model {reward.model_id!r} returned {len(scores)} scores "
-            f"for {len(conversations)} answers"
-        )
+    scores = score_checked(reward, conversations, rules)
     clean = [None if math.isnan(s) else s for s in scores]
     ours, theirs = clean[: len(prompts)], clean[len(prompts) :]
     preferences: list[float | None] = []

@@ -49,6 +49,7 @@ from avr_core.synthesis import (
     generate_critiques,
     generate_refinements,
     level_sampling,
+    score_checked,
 )
 from avr_core.templates import Templates, extract_final_answer
 
@@ -124,14 +125,8 @@ def _score(
     """One reward call, checked: exactly one float per conversation."""
     if not conversations:
         return []
-    scores = reward_model.score(conversations, constraints)
     stats.reward_calls += 1
-    if len(scores) != len(conversations):
-        raise ValueError(
-            f"reward model {reward_model.model_id!r} returned {len(scores)} scores "
-            f"for {len(conversations)} conversations"
-        )
-    return [float(s) for s in scores]
+    return score_checked(reward_model, conversations, constraints)
 
 
 def _starting_answers(

@@ -50,6 +50,7 @@ __all__ = [
     "generate_refinements",
     "generate_trees",
     "level_sampling",
+    "score_checked",
     "score_gains",
     "score_trees",
 ]
@@ -122,6 +123,24 @@ def chat_checked(
             )
         stats.generated_chars += sum(len(s) for s in samples)
     return outputs
+
+
+def score_checked(
+    reward_model: RewardModel,
+    conversations: list[Conversation],
+    constraints: list[list[Constraint]] | None,
+) -> list[float]:
+    """One reward call, checked: exactly one float per conversation, in order (no call for
+    none). NaN scores pass through: each rule decides what an unscored candidate means."""
+    if not conversations:
+        return []
+    scores = reward_model.score(conversations, constraints)
+    if len(scores) != len(conversations):
+        raise ValueError(
+            f"reward model {reward_model.model_id!r} returned {len(scores)} scores "
+            f"for {len(conversations)} conversations"
+        )
+    return [float(s) for s in scores]
 
 
 def generate_trees(
@@ -285,14 +304,7 @@ def score_trees(reward_model: RewardModel, trees: list[RefinementTree]) -> list[
             constraints.append(list(tree.constraints))
     if not conversations:
         return []
-    scores = reward_model.score(conversations, constraints)
-    if len(scores) != len(conversations):
-        raise ValueError(
-            f"reward model {reward_model.model_id!r} returned {len(scores)} scores "
-            f"for {len(conversations)} conversations"
-        )
-
-    position = iter(float(s) for s in scores)
+    position = iter(score_checked(reward_model, conversations, constraints))
     scored = []
     for tree in trees:
         answer_score = next(position)

@@ -31,7 +31,7 @@ from avr_core.schemas import (
     Sampling,
     ThoughtAnswer,
 )
-from avr_core.synthesis import SynthesisStats, chat_checked, level_sampling
+from avr_core.synthesis import SynthesisStats, chat_checked, level_sampling, score_checked
 from avr_core.templates import (
     Templates,
     build_critique_messages,
@@ -106,14 +106,9 @@ def _score(
     conversations: list[Conversation] = [
         [*r.prompt, _assistant(a)] for r, a in zip(records, answers, strict=True)
     ]
-    scores = reward.score(conversations, [list(r.constraints) for r in records])
+    scores = score_checked(reward, conversations, [list(r.constraints) for r in records])
     stats.reward_calls += 1
-    if len(scores) != len(conversations):
-        raise ValueError(
-            f"reward model {reward.model_id!r} returned {len(scores)} scores "
-            f"for {len(conversations)} answers"
-        )
-    return [float(s) if _usable(float(s)) else None for s in scores]
+    return [s if _usable(s) else None for s in scores]
 
 
 def refine_answers(
