@@ -49,7 +49,7 @@ from avr_core.steps import (
 from avr_core.storage import DatasetStore
 from avr_core.synthesis import derive_seed
 from avr_core.templates import load_templates
-from benchmarks.stage1 import PROMPTS, RUN, RecordingGenerator, count_tokens
+from benchmarks.stage1 import PROMPTS, RUN, RecordingGenerator, count_tokens, print_throughput
 
 SEARCH = Stage2Steps.SEARCH
 START = "start"  # the label of the starting-answer call (before round 1)
@@ -251,44 +251,16 @@ def main(argv: list[str] | None = None) -> None:
         )
     )
 
-    factory_rate = factory_tokens / factory_s
-    raw_rate = raw_tokens / raw_s
-    print()
-    print(
-        text_table(
-            [
-                (
-                    "raw engine (same calls replayed)",
-                    str(raw_tokens),
-                    f"{raw_s:.1f}",
-                    f"{raw_rate:.1f}",
-                ),
-                (
-                    "greedy search step (factory)",
-                    str(factory_tokens),
-                    f"{factory_s:.1f}",
-                    f"{factory_rate:.1f}",
-                ),
-            ],
-            ("path", "tokens", "seconds", "tokens/s"),
-        )
-    )
-    ratio = factory_rate / raw_rate
-    print(
-        f"\nfactory / raw throughput: {ratio:.3f} "
-        f"({factory_rate:.1f} / {raw_rate:.1f} tokens/s; target >= 0.9: "
-        f"{'met' if ratio >= 0.9 else 'NOT met'})"
+    print_throughput(
+        "greedy search step (factory)",
+        (raw_tokens, raw_s),
+        (factory_tokens, factory_s),
+        generator.seconds,
     )
     print(
         f"replayed outputs identical to the factory's: {identical} of {len(replayed)} calls "
-        "(differences only change the raw token count, not the work replayed)"
-    )
-    # On a shared machine the engine's speed drifts between the two passes; the time the factory
-    # spends outside generation calls is the load-independent measure of its overhead.
-    outside = factory_s - generator.seconds
-    print(
-        f"factory time outside generation calls: {outside:.2f}s of {factory_s:.1f}s "
-        f"({100 * outside / factory_s:.2f}%), of which reward calls {reward.seconds:.3f}s"
+        "(differences only change the raw token count, not the work replayed); reward calls "
+        f"took {reward.seconds:.3f}s"
     )
 
     # ---- batching per round ----------------------------------------------------------------
