@@ -20,7 +20,6 @@ from avr_core.config import (
 from avr_core.engines.base import Generator, RewardModel
 from avr_core.fingerprint import (
     long_response_step_config,
-    scoring_step_config,
     search_step_config,
     selection_step_config,
 )
@@ -51,7 +50,7 @@ from tasks.engines import (
     uses_local_gpu,
 )
 from tasks.step_runner import execute_plan
-from tasks.trees import revision_of
+from tasks.trees import revision_of, score_step
 
 __all__ = [
     "build_lc_pairs_task",
@@ -166,17 +165,7 @@ def score_long_responses_task(
 
     Fingerprint: the reward model (+ revision) and the responses.
     """
-    plan = plan_step(
-        open_store(io.storage_root),
-        io.run,
-        io.target,
-        CoTSample,
-        scoring_step_config(reward, revision_of(reward)),
-        [Source(io.source, CoTSample)],
-    )
-    engine: LazyEngine[RewardModel] = LazyEngine(lambda: open_reward_model(reward, execution))
-    with gpu_slot(reward, execution):
-        return execute_plan(plan, long_scoring_shards(engine.get), engine)
+    return score_step(io, reward, execution, CoTSample, long_scoring_shards)
 
 
 @task(name="build-lc-pairs", cache_policy=NO_CACHE, **_SHARD_RETRIES)

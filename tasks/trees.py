@@ -6,6 +6,8 @@ function per shard to the step protocol; the rules live in avr_core.synthesis.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -14,9 +16,9 @@ from avr_core.config import ExecutionConfig, ModelSpec, OpenAIModel, RulesModel,
 from avr_core.engines.base import Generator, RewardModel
 from avr_core.fingerprint import scoring_step_config, tree_step_config
 from avr_core.results import StepResult
-from avr_core.schemas import Lineage, PromptRecord, RefinementTree
+from avr_core.schemas import ArrowRecord, Lineage, PromptRecord, RefinementTree
 from avr_core.step_kinds import scoring_shards, tree_shards
-from avr_core.steps import Source, StepIO, plan_step
+from avr_core.steps import ShardCompute, Source, StepIO, plan_step
 from avr_core.templates import load_templates
 from tasks.engines import (
     LazyEngine,
@@ -28,7 +30,7 @@ from tasks.engines import (
 )
 from tasks.step_runner import execute_plan
 
-__all__ = ["generate_trees_task", "revision_of", "score_trees_task"]
+__all__ = ["generate_trees_task", "revision_of", "score_step", "score_trees_task"]
 
 # A retry recomputes only the shards that are not committed yet.
 _SHARD_RETRIES = {"retries": 1, "retry_delay_seconds": 5}
@@ -76,21 +78,34 @@ def generate_trees_task(
         return execute_plan(plan, tree_shards(engine.get, templates, tree, lineage), engine)
 
 
+def score_step(
+    io: StepIO,
+    reward: ModelSpec,
+    execution: ExecutionConfig,
+    record_type: type[ArrowRecord],
+    shards: Callable[[Callable[[], RewardModel]], ShardCompute],
+) -> StepResult:
+    """A scoring step: `record_type` rows in, the same rows scored by `reward` out.
+
+    Fingerprint: the reward model (+ its revision) and the rows (the upstream fingerprint).
+    """
+    plan = plan_step(
+        open_store(io.storage_root),
+        io.run,
+        io.target,
+        record_type,
+        scoring_step_config(reward, revision_of(reward)),
+        [Source(io.source, record_type)],
+    )
+    engine: LazyEngine[RewardModel] = LazyEngine(lambda: open_reward_model(reward, execution))
+    with gpu_slot(reward, execution):
+        return execute_plan(plan, shards(engine.get), engine)
+
+
 @task(name="score-trees", cache_policy=NO_CACHE, **_SHARD_RETRIES)
 def score_trees_task(io: StepIO, reward: ModelSpec, execution: ExecutionConfig) -> StepResult:
     """Reads: trees (RefinementTree). Writes: the same trees with every candidate scored.
 
     Fingerprint: the reward model (+ its revision) and the trees.
     """
-    plan = plan_step(
-        open_store(io.storage_root),
-        io.run,
-        io.target,
-        RefinementTree,
-        scoring_step_config(reward, revision_of(reward)),
-        [Source(io.source, RefinementTree)],
-    )
-    engine: LazyEngine[RewardModel] = LazyEngine(lambda: open_reward_model(reward, execution))
-
-    with gpu_slot(reward, execution):
-        return execute_plan(plan, scoring_shards(engine.get), engine)
+    return score_step(io, reward, execution, RefinementTree, scoring_shards)
