@@ -161,8 +161,9 @@ class IngestConfig(_Strict):
 
     prompts: str | None = Field(
         None,
-        description="prompt set: JSONL/Parquet path or URI, or a datasets save_to_disk "
-        "directory (default: the bundled 24 demo prompts)",
+        description="prompt set: JSONL/Parquet path or URI, a datasets save_to_disk directory, "
+        "or a bundled set: bundled:train (default, the 24 demo prompts) or bundled:heldout "
+        "(12 prompts training never sees)",
     )
     on_bad_row: Literal["error", "skip"] = Field(
         "error", description="a malformed prompt row fails the run, or is skipped and recorded"

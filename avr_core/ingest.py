@@ -72,6 +72,7 @@ __all__ = [
     "read_answers",
     "prompt_token_limit",
     "read_prompts",
+    "resolve_prompt_source",
     "source_sha256",
 ]
 
@@ -147,9 +148,34 @@ def source_sha256(source: str, storage_options: dict[str, Any] | None = None) ->
     return digest.hexdigest()
 
 
-def bundled_prompts_path() -> str:
-    """Path of the small demo prompt set shipped with the package."""
-    return str(Path(__file__).parent / "data" / "demo_prompts.jsonl")
+# The prompt sets shipped with the package: `train` feeds the demo runs; `heldout` is never read by
+# training, so evaluating on it measures what refinement learned rather than what it memorized.
+_BUNDLED_PROMPT_FILES: dict[str, str] = {
+    "train": "demo_prompts.jsonl",
+    "heldout": "heldout_prompts.jsonl",
+}
+_BUNDLED_PREFIX = "bundled:"
+
+
+def bundled_prompts_path(split: Literal["train", "heldout"] = "train") -> str:
+    """Path of a bundled prompt set: the 24 demo prompts (train) or the 12 held-out ones."""
+    return str(Path(__file__).parent / "data" / _BUNDLED_PROMPT_FILES[split])
+
+
+def resolve_prompt_source(spec: str | None) -> str:
+    """The prompt source a config names: `bundled:train` (also None) or `bundled:heldout` become
+    the bundled files; any other path or URI is returned unchanged."""
+    if spec is None:
+        return bundled_prompts_path("train")
+    if not spec.startswith(_BUNDLED_PREFIX):
+        return spec
+    split = spec.removeprefix(_BUNDLED_PREFIX)
+    if split == "train":
+        return bundled_prompts_path("train")
+    if split == "heldout":
+        return bundled_prompts_path("heldout")
+    allowed = ", ".join(_BUNDLED_PREFIX + name for name in _BUNDLED_PROMPT_FILES)
+    raise ValueError(f"unknown bundled prompt set {spec!r}; expected one of: {allowed}")
 
 
 def is_retryable_ingest_error(error: BaseException) -> bool:

@@ -13,12 +13,12 @@ from avr_core.config import IngestConfig, ModelSpec, TreeConfig
 from avr_core.fingerprint import ingest_step_config
 from avr_core.ingest import (
     TokenCounter,
-    bundled_prompts_path,
     is_retryable_ingest_error,
     load_chat_token_counter,
     model_context_length,
     prompt_token_limit,
     read_prompts,
+    resolve_prompt_source,
     source_sha256,
 )
 from avr_core.layout import RunLayout
@@ -91,7 +91,7 @@ def ingest_prompts_task(
     config = settings()
     run, target = io.run, io.target
     store = open_store(io.storage_root, config)
-    source = ingest.prompts or bundled_prompts_path()
+    source = resolve_prompt_source(ingest.prompts)
     token_limit, count_tokens = _token_limit(ingest, policy, tree, config)
     rejects_path = store.uri(RunLayout(run).rejects(target))
     ingested = read_prompts(

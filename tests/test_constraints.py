@@ -184,7 +184,7 @@ def test_demo_prompts_are_valid_and_varied() -> None:
         item = json.loads(line)
         assert set(item) == {"prompt", "constraints"}, f"row {row}"
         assert item["prompt"].strip(), f"row {row}"
-        assert 1 <= len(item["constraints"]) <= 3, f"row {row}"
+        assert 1 <= len(item["constraints"]) <= 4, f"row {row}"
         validate_constraints(item["constraints"], f"demo_prompts.jsonl row {row} constraints")
         for constraint in item["constraints"]:  # demo answers use ~128-192 new tokens
             assert constraint["args"].get("max", 0) <= 120, f"row {row}"
