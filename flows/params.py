@@ -222,6 +222,19 @@ class Stage2Sections(BaseModel):
         description="length-controlled DPO (from the Stage II SFT model)",
     )
 
+    @field_validator("search")
+    @classmethod
+    def _search_can_yield_trajectories(cls, search: SearchConfig) -> SearchConfig:
+        # A trajectory needs an improving round and then a closing round that does not improve
+        # (DESIGN section 5): with one round none can be assembled, and Stage II SFT would fail
+        # only after the whole search had run.
+        if search.max_rounds < 2:
+            raise ValueError(
+                "search.max_rounds must be at least 2 for Stage II training: a trajectory needs "
+                "an improving round followed by a closing round"
+            )
+        return search
+
 
 class Stage2Params(Stage1DataParams, Stage2Sections):
     """The whole of Stage II: greedy search -> trajectories -> SFT -> k long responses -> scores

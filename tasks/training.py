@@ -25,6 +25,16 @@ from tasks.runlog import publish_training_report, record_step
 
 __all__ = ["train_model_task"]
 
+# What to change when a selection step kept nothing, by dataset step name.
+_EMPTY_DATASET_HINTS = {
+    "rsft": "more prompts, a larger tree.x/y, or selection.rsft_include_original",
+    "pairs": "more prompts or a larger tree.x/y (a pair needs a refinement that beats the answer)",
+    "trajectories": "more prompts or more search.max_rounds (a trajectory needs an improving "
+    "round, then a closing round that does not improve)",
+    "lc_pairs": "more prompts or a larger long.k (a pair needs a best final answer that is no "
+    "longer than the worst one)",
+}
+
 
 @task(name="train-model", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=10)
 def train_model_task(
@@ -47,9 +57,11 @@ def train_model_task(
     manifest = require_manifest(store, run, dataset)
     dataset_uri = store.step_uri(run, *dataset)
     if manifest.total_rows == 0:
+        hint = _EMPTY_DATASET_HINTS.get(dataset[1], "more prompts")
         raise ValueError(
-            f"{dataset_uri} has no rows to train on: no tree passed the selection rules "
-            "(try more prompts, larger x/y, or selection.rsft_include_original)"
+            f"{dataset_uri} has no rows to train on: nothing passed the selection rules (its "
+            f"step record {store.uri(layout.step_record(dataset))} counts what was dropped and "
+            f"why; try {hint})"
         )
     job = TrainJob(
         kind=kind,

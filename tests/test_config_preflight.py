@@ -11,16 +11,20 @@ from avr_core.config import (
     IngestConfig,
     OpenAIModel,
     RulesModel,
+    SearchConfig,
     TrainingConfig,
     TransformersModel,
     VLLMModel,
     parse_model_spec,
 )
 from flows.params import (
+    AvrParams,
     GenerateTreesParams,
+    GreedySearchParams,
     IngestParams,
     RegenerateParams,
     Stage1Params,
+    Stage2Params,
     TrainDPOParams,
     TrainSFTParams,
 )
@@ -95,3 +99,13 @@ def test_a_token_limit_needs_a_policy_with_a_tokenizer() -> None:
     with pytest.raises(ValidationError, match="the openai policy has none"):
         RegenerateParams(ingest=IngestConfig(max_prompt_tokens=512), policy=served)
     assert Stage1Params(ingest=IngestConfig(max_prompt_tokens=512)).ingest.max_prompt_tokens
+
+
+@pytest.mark.parametrize("params_model", [Stage2Params, AvrParams])
+def test_stage2_training_needs_a_closing_round(params_model: type[Stage2Params]) -> None:
+    # One round can never close a trajectory: the flow would search every prompt, then fail.
+    with pytest.raises(ValidationError, match=r"search\.max_rounds must be at least 2"):
+        params_model(search=SearchConfig(max_rounds=1))
+    assert params_model(search=SearchConfig(max_rounds=2)).search.max_rounds == 2
+    # the search step alone may stop after one round
+    assert GreedySearchParams(search=SearchConfig(max_rounds=1)).search.max_rounds == 1
