@@ -1,8 +1,9 @@
 """A tiny replication of AvR on CPU: did the method help the tiny model on prompts it never saw?
 
-1. Training run (`replication-train`): the `avr` flow (Stage I, then Stage II from the Stage I DPO
-   model) with the tiny config on the bundled training split (`bundled:train`, 24 prompts); with
-   `--stages 1` only the `stage1` flow.
+1. Training run (`replication-train`): the `stage1` flow, then the `stage2` flow from the Stage I
+   DPO model (what the `avr` flow does), with the tiny config on the bundled training split
+   (`bundled:train`, 24 prompts); `--stages 1` stops after Stage I. When Stage II keeps no data
+   to train on at this scale, that is printed and the rest runs without it.
 2. Test-time run (`replication-eval`) on the held-out split (`bundled:heldout`, prompts training
    never reads): the `refine` flow with the seed model (`seed`: rounds 0..N of its own answers)
    and with the Stage I DPO model (`stage1`: rounds 0..N), and with Stage II the `think` flow of
@@ -26,7 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -43,12 +44,12 @@ from avr_core.evaluation import Estimate, SystemSummary
 from avr_core.reporting import text_table
 from avr_core.results import RunSummary
 from avr_core.steps import Stage1Steps, Stage2Steps
-from flows.avr import avr
 from flows.config_files import TINY_CONFIG, build_params, load_config
 from flows.evaluate import evaluate
 from flows.local_prefect import temporary_api
-from flows.params import AvrParams, EvaluateParams, RefineParams, Stage1Params, ThinkParams
+from flows.params import EvaluateParams, RefineParams, Stage1Params, Stage2Params, ThinkParams
 from flows.stage1 import stage1
+from flows.stage2 import stage2
 from flows.testtime import refine, think
 from tasks.evaluate import EvaluationReport, format_report
 
@@ -153,19 +154,23 @@ def print_results(report: EvaluationReport, refined: dict[str, RunSummary], phas
 
 def train(
     stages: int, config: dict[str, Any], sets: Sequence[str], root: str
-) -> tuple[str, str | None]:
-    """Stage I (and II) on the training split; the URIs of the Stage I and Stage II DPO models."""
+) -> tuple[str, str | None, str | None]:
+    """Stage I (then Stage II from its DPO model, in the same run, as the `avr` flow does) on the
+    training split: the Stage I and Stage II DPO models' URIs, and why Stage II gave no model."""
     common = (f"run_name={TRAIN_RUN}", f"storage_root={root}", "ingest.prompts=bundled:train")
-    flow: Callable[..., RunSummary]
-    if stages == 2:
-        params: BaseModel = _params(AvrParams, config, sets, *common)
-        flow = avr
-    else:
-        params = _params(Stage1Params, config, sets, *common)
-        flow = stage1
-    checkpoints = flow(params=params).checkpoints
-    stage2_dpo = checkpoints.get(Stage2Steps.TRAIN_DPO.step) if stages == 2 else None
-    return checkpoints[Stage1Steps.TRAIN_DPO.step], stage2_dpo
+    summary = stage1(params=_params(Stage1Params, config, sets, *common))
+    stage1_model = summary.checkpoints[Stage1Steps.TRAIN_DPO.step]
+    if stages == 1:
+        return stage1_model, None, None
+    try:
+        summary = stage2(
+            params=_params(Stage2Params, config, sets, *common, f"policy.path={stage1_model}")
+        )
+    except ValueError as err:
+        # At this scale Stage II may keep no trajectory or no length-controlled pair (the
+        # training step then refuses an empty dataset): report Stage I rather than nothing.
+        return stage1_model, None, str(err)
+    return stage1_model, summary.checkpoints[Stage2Steps.TRAIN_DPO.step], None
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -187,8 +192,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     sets, root = args.overrides, args.root
     phases = Phases()
     with temporary_api():
-        with phases.timed(f"train: {'avr' if args.stages == 2 else 'stage1'} on bundled:train"):
-            stage1_model, stage2_model = train(args.stages, config, sets, root)
+        with phases.timed(
+            f"train: Stage I{' and II' if args.stages == 2 else ''} on bundled:train"
+        ):
+            stage1_model, stage2_model, stage2_failure = train(args.stages, config, sets, root)
+        if stage2_failure is not None:
+            print(f"\nStage II gave no model, so it is not evaluated: {stage2_failure}")
 
         heldout = (f"run_name={EVAL_RUN}", f"storage_root={root}", "ingest.prompts=bundled:heldout")
         refined: dict[str, RunSummary] = {}
