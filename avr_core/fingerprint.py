@@ -53,9 +53,15 @@ __all__ = [
 # ---- what decides each step's output (one function per step kind, shared by every caller) -----
 
 
+# Where and on how many GPUs a model is served: they change speed, not what the data means, so
+# moving a model to another server or GPU count never recomputes finished shards.
+_SERVING_FIELDS = {"base_url", "tensor_parallel_size", "pipeline_parallel_size"}
+
+
 def model_identity(spec: ModelSpec, revision: str | None) -> dict[str, Any]:
-    """A model spec as it decides data: where it is served (base_url) is left out."""
-    return {"spec": spec.model_dump(mode="json", exclude={"base_url"}), "revision": revision}
+    """A model spec as it decides data: where it is served (base_url) and how it is spread over
+    GPUs (tensor / pipeline parallel sizes) are left out."""
+    return {"spec": spec.model_dump(mode="json", exclude=_SERVING_FIELDS), "revision": revision}
 
 
 def ingest_step_config(source_sha256: str, ingest: IngestConfig) -> dict[str, Any]:

@@ -4,6 +4,7 @@
     runs/{run}/_lease.json                             who writes the run now (one writer per run)
     runs/{run}/{stage}/{step}/part-{i:05d}.parquet     shards
     runs/{run}/{stage}/{step}/_manifest.json           written last
+    runs/{run}/{stage}/{step}/_plan.json               written first: how many shards it will have
     runs/{run}/{stage}/rejects.jsonl                   prompt rows that failed validation
     runs/{run}/_records/{stage}/{step}.json            one small record per finished step
     runs/{run}/checkpoints/{train_step}/...            trainer checkpoints, final/, markers
@@ -26,6 +27,7 @@ __all__ = [
     "FINAL_DIR_NAME",
     "JOB_MARKER",
     "MANIFEST_NAME",
+    "PLAN_NAME",
     "RECORDS",
     "RUNS",
     "RunLayout",
@@ -36,6 +38,7 @@ __all__ = [
 ]
 
 MANIFEST_NAME = "_manifest.json"
+PLAN_NAME = "_plan.json"
 FINAL_DIR_NAME = "final"
 COMPLETE_MARKER = "_complete.json"
 JOB_MARKER = "_job.json"
@@ -115,6 +118,10 @@ class RunLayout:
 
     def manifest(self, ref: StepRef) -> str:
         return f"{self.step(ref)}/{MANIFEST_NAME}"
+
+    def step_plan(self, ref: StepRef) -> str:
+        """What a step running now will hold (its shard count), so a partial step reads k/n."""
+        return f"{self.step(ref)}/{PLAN_NAME}"
 
     def step_record(self, ref: StepRef) -> str:
         return f"{self.directory}/{RECORDS}/{ref[0]}/{ref[1]}.json"

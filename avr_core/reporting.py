@@ -17,11 +17,13 @@ from avr_core.results import RunSummary, StepResult
 __all__ = [
     "COUNT_LABELS",
     "ShardStats",
+    "SliceProgress",
     "format_run_summary",
     "gain_summary",
     "markdown_table",
     "merge_stats",
     "render_run_markdown",
+    "render_slices_markdown",
     "render_step_markdown",
     "report_rows",
     "text_table",
@@ -89,6 +91,9 @@ class ShardStats(BaseModel):
     values: dict[str, list[float]] = Field(default_factory=dict)
     seconds: dict[str, float] = Field(
         default_factory=dict, description="wall time by phase (compute, storage)"
+    )
+    worker: str | None = Field(
+        None, description="the worker that computed the shard (its AVR_WORKER_ID)"
     )
 
 
@@ -170,6 +175,54 @@ def render_step_markdown(result: StepResult) -> str:
     ]
     table = markdown_table(rows, ("metric", "value"))
     return f"### {result.name}\n\n`{result.uri}`\n\n{table}\n"
+
+
+class SliceProgress(BaseModel):
+    """One slice of a scaled-out step, as its parent reports it: what storage holds of the
+    slice's shards, and the child flow run that computed them."""
+
+    slice: int
+    shards: int = Field(description="shards in the slice")
+    done: int = Field(description="of them, committed now")
+    rows: int = Field(description="rows in the committed shards")
+    generated_chars: int | None = Field(
+        None, description="characters the shards generated (a generation step's token proxy)"
+    )
+    workers: list[str] = Field(default_factory=list, description="workers that computed them")
+    flow_run: str | None = Field(None, description="the child flow run (None: nothing to do)")
+    state: str | None = None
+    seconds: float | None = Field(None, description="the child's wall time")
+
+
+def render_slices_markdown(name: str, slices: Sequence[SliceProgress]) -> str:
+    """The markdown of a scaled-out step's slice artifact: one row per slice."""
+    rows = [
+        (
+            str(s.slice),
+            f"{s.done}/{s.shards}",
+            str(s.rows),
+            "-" if s.generated_chars is None else str(s.generated_chars),
+            "-" if s.seconds is None else f"{s.seconds:.1f}",
+            s.flow_run or "-",
+            s.state or "-",
+            ", ".join(s.workers) or "-",
+        )
+        for s in slices
+    ]
+    done = sum(s.done for s in slices)
+    total = sum(s.shards for s in slices)
+    header = (
+        "slice",
+        "shards done",
+        "rows",
+        "generated chars",
+        "seconds",
+        "child flow run",
+        "state",
+        "worker",
+    )
+    table = markdown_table(rows, header)
+    return f"### {name}: {len(slices)} slices, {done}/{total} shards\n\n{table}\n"
 
 
 def _details(step: StepResult, separator: str) -> str:

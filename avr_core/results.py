@@ -16,7 +16,7 @@ __all__ = ["RunSummary", "StepResult", "TrainResult"]
 
 
 class StepResult(BaseModel):
-    """A sealed dataset step."""
+    """A sealed dataset step, or (`sealed` false) what one slice of a scaled-out step computed."""
 
     stage: str
     step: str
@@ -34,6 +34,9 @@ class StepResult(BaseModel):
         description="mean of every other per-record value the shards reported (e.g. gain_round_1)",
     )
     seconds: dict[str, float] = Field(default_factory=dict)
+    sealed: bool = Field(
+        True, description="false for one slice's part: its rows and shards, not the step's"
+    )
 
     @property
     def ref(self) -> StepRef:

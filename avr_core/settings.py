@@ -8,6 +8,7 @@ manifests (credentials live here).
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,13 @@ class AvrSettings(BaseSettings):
     )
     lease_heartbeat_seconds: float = Field(
         30.0, gt=0, description="how often the process holding a run's lease renews it"
+    )
+    worker_id: str = Field(
+        default_factory=socket.gethostname,
+        min_length=1,
+        description="this worker's name (default: the host name): its GPU concurrency limit is "
+        "gpu:{worker_id}, and each shard it computes records it; give every GPU worker of a "
+        "box its own (gpu-0, gpu-1, ...; `avr workers` prints the commands)",
     )
     cuda_visible_devices: str | None = Field(
         None,

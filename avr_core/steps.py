@@ -13,13 +13,18 @@ a benchmark, a test or one worker of many can drive it:
 
 `run_step` is 2 + 3 for one process. Progress goes to standard logging and to an optional
 callback (a Prefect task logs it; a terminal shows a bar).
+
+Scaled out (DESIGN section 8), the shards are dealt into slices (`slice_shards`), each slice's
+process runs 2 on its shards (`slice_result` says what it did), and the parent re-reads what is
+committed (`read_committed`, `replan`) and runs 3 once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -30,7 +35,13 @@ from avr_core.layout import CHECKPOINTS, StepRef
 from avr_core.reporting import ShardStats, gain_summary, merge_stats
 from avr_core.results import StepResult
 from avr_core.schemas import ArrowRecord
-from avr_core.storage import DatasetStore, Manifest, StepIncompleteError, inputs_digest
+from avr_core.storage import (
+    CommittedShard,
+    DatasetStore,
+    Manifest,
+    StepIncompleteError,
+    inputs_digest,
+)
 
 __all__ = [
     "ProgressCallback",
@@ -49,10 +60,15 @@ __all__ = [
     "StepResult",
     "UpstreamMissingError",
     "plan_step",
+    "raise_failed_shards",
+    "read_committed",
+    "replan",
     "require_manifest",
     "run_shards",
     "run_step",
     "seal_step",
+    "slice_result",
+    "slice_shards",
     "split_into_shards",
 ]
 
@@ -181,10 +197,13 @@ class StepPlan:
 
 @dataclass
 class ShardsRun:
-    """What one `run_shards` call did."""
+    """What one `run_shards` call did: the shards it committed (with their rows and statistics)
+    and the ones that failed."""
 
     computed: list[int] = field(default_factory=list)
     failed: dict[int, str] = field(default_factory=dict)
+    rows: dict[int, int] = field(default_factory=dict)
+    stats: dict[int, ShardStats] = field(default_factory=dict)
 
 
 def split_into_shards(records: Sequence[T], shard_size: int) -> list[list[T]]:
@@ -194,6 +213,21 @@ def split_into_shards(records: Sequence[T], shard_size: int) -> list[list[T]]:
     return [
         list(records[start : start + shard_size]) for start in range(0, len(records), shard_size)
     ]
+
+
+def slice_shards(indices: Sequence[int], workers: int) -> list[list[int]]:
+    """Deal shard `indices` round-robin into at most `workers` slices; none is empty and every
+    index is in exactly one. The same indices and count always give the same slices.
+
+    Dealt, not cut into runs: a step resumed after a one-process attempt has its first shards
+    done, and dealing spreads the rest over every slice.
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    ordered = list(indices)
+    if len(set(ordered)) != len(ordered):
+        raise ValueError(f"shard indices must be distinct, got {ordered}")
+    return [ordered[k::workers] for k in range(min(workers, len(ordered)))]
 
 
 def require_manifest(store: DatasetStore, run: str, ref: StepRef) -> Manifest:
@@ -281,12 +315,14 @@ def run_shards(
     compute: ShardCompute,
     indices: Sequence[int] | None = None,
     progress: ProgressCallback | None = None,
+    worker: str | None = None,
 ) -> ShardsRun:
     """Compute and commit `indices` (default: every pending shard); never seals.
 
     Shards already committed under the plan's fingerprint are skipped, so a worker handed a
     slice, or a retry, computes only what is missing. A failing shard is recorded and the others
-    go on: one bad shard must not cost the finished ones.
+    go on: one bad shard must not cost the finished ones. `worker` names who computes them: each
+    shard's statistics record it.
     """
     wanted = plan.pending if indices is None else list(indices)
     unknown = sorted(set(wanted) - set(plan.indices))
@@ -309,6 +345,7 @@ def run_shards(
             output = compute(index, inputs)
             computed = time.perf_counter() - started
             output.stats.seconds["compute"] = output.stats.seconds.get("compute", 0.0) + computed
+            output.stats.worker = worker or output.stats.worker
             write_started = time.perf_counter()
             store.write_shard(
                 run,
@@ -317,7 +354,7 @@ def run_shards(
                 list(output.records),
                 plan.record_type,
                 plan.fingerprint,
-                stats=output.stats.model_dump(mode="json"),
+                stats=output.stats.model_dump(mode="json", exclude_none=True),
                 inputs=digests.get(index, ""),
             )
         except Exception as err:  # noqa: BLE001 - one bad shard must not cost the finished ones
@@ -329,6 +366,8 @@ def run_shards(
                 )
             continue
         ran.computed.append(index)
+        ran.rows[index] = len(output.records)
+        ran.stats[index] = output.stats
         event = ShardEvent(
             plan.target,
             index,
@@ -342,6 +381,41 @@ def run_shards(
         if progress:
             progress(event)
     return ran
+
+
+def read_committed(plan: StepPlan) -> dict[int, CommittedShard]:
+    """The plan's shards committed on storage now (same fingerprint and inputs), with the
+    statistics in their footers: what other processes (a scaled-out step's slices) wrote."""
+    committed = plan.store.committed_shards(plan.run, *plan.target, plan.fingerprint, plan.inputs)
+    indices = set(plan.indices)
+    return {index: shard for index, shard in committed.items() if index in indices}
+
+
+def replan(plan: StepPlan, committed: Iterable[int]) -> StepPlan:
+    """The same plan with `committed` (e.g. `read_committed(plan)`) as its done shards."""
+    return dataclasses.replace(plan, done=frozenset(committed) & frozenset(plan.indices))
+
+
+def slice_result(plan: StepPlan, shards: Sequence[int], ran: ShardsRun) -> StepResult:
+    """What one slice of a scaled-out step did: its shards computed now, their rows and
+    statistics. Not sealed: the step's parent seals it once every slice is done."""
+    stats = merge_stats(ran.stats.values())
+    gain_mean, gain_median = gain_summary(stats.values.get("gain", []))
+    return StepResult(
+        stage=plan.target.stage,
+        step=plan.target.step,
+        uri=plan.uri,
+        fingerprint=plan.fingerprint,
+        rows=sum(ran.rows.values()),
+        shards=len(shards),
+        shards_computed=len(ran.computed),
+        shards_skipped=len([i for i in shards if i in plan.done]),
+        counts=stats.counts,
+        gain_mean=gain_mean,
+        gain_median=gain_median,
+        seconds={k: round(v, 3) for k, v in stats.seconds.items()},
+        sealed=False,
+    )
 
 
 def seal_step(
@@ -384,18 +458,24 @@ def seal_step(
     )
 
 
-def run_step(
-    plan: StepPlan,
-    compute: ShardCompute,
-    progress: ProgressCallback | None = None,
-    extra_counts: Mapping[str, int] | None = None,
-) -> StepResult:
-    """Every pending shard in this process, then the seal; failed shards raise after the rest."""
-    ran = run_shards(plan, compute, progress=progress)
+def raise_failed_shards(plan: StepPlan, ran: ShardsRun) -> None:
+    """`ShardsFailedError` naming every shard of `ran` that failed, if any did."""
     if ran.failed:
         listing = "; ".join(f"shard {i}: {why}" for i, why in sorted(ran.failed.items()))
         raise ShardsFailedError(
             f"{plan.uri}: {len(ran.failed)} of {len(plan.indices)} shards failed "
             f"(the others are committed; re-run to compute only these): {listing}"
         )
+
+
+def run_step(
+    plan: StepPlan,
+    compute: ShardCompute,
+    progress: ProgressCallback | None = None,
+    extra_counts: Mapping[str, int] | None = None,
+    worker: str | None = None,
+) -> StepResult:
+    """Every pending shard in this process, then the seal; failed shards raise after the rest."""
+    ran = run_shards(plan, compute, progress=progress, worker=worker)
+    raise_failed_shards(plan, ran)
     return seal_step(plan, extra_counts, computed=len(ran.computed))

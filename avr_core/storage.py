@@ -134,6 +134,9 @@ class StepStatus(BaseModel):
     status: Literal["complete", "partial", "empty"]
     rows: int | None = None
     shards: int = 0
+    shards_total: int | None = Field(
+        None, description="a partial step: the shards it will have, when its run recorded it"
+    )
     record_type: str | None = None
     fingerprint: str | None = None
 
@@ -628,6 +631,16 @@ class DatasetStore:
         """Names of the runs under the root, sorted."""
         return self.files.list_names(RUNS, "directory")
 
+    def _planned_shards(self, run: str, ref: StepRef) -> int | None:
+        """The shard count the step's last run planned (`_plan.json`), or None. For display
+        only: a damaged file just leaves the total out."""
+        try:
+            plan = self.read_json(RunLayout(run).step_plan(ref))
+        except StorageError:
+            return None
+        total = plan.get("shards") if isinstance(plan, dict) else None
+        return total if isinstance(total, int) else None
+
     def list_steps(self, run: str) -> list[StepStatus]:
         """Every {stage}/{step} of a run with its status (checkpoints and records excluded)."""
         layout = RunLayout(run)
@@ -654,5 +667,13 @@ class DatasetStore:
                     continue
                 shards = len(self._shard_indices(run, stage, step))
                 status = "partial" if shards else "empty"
-                statuses.append(StepStatus(stage=stage, step=step, status=status, shards=shards))
+                statuses.append(
+                    StepStatus(
+                        stage=stage,
+                        step=step,
+                        status=status,
+                        shards=shards,
+                        shards_total=self._planned_shards(run, StepRef(stage, step)),
+                    )
+                )
         return statuses

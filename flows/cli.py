@@ -5,6 +5,7 @@
     avr runs [--root URI]                      runs in a storage root, per-step status and rows
     avr show RUN [STEP] [--root URI]           run.json, or a step's manifest, schema, sample rows
     avr ui [--port N]                          a local Prefect server + workers on cpu and gpu
+    avr workers --gpus N [--pool gpu]          print the commands for one worker per GPU
     avr render-deployments [--check]           write deployments/prefect.yaml from the configs
 
 SIGTERM stops any command as Ctrl-C does, cleanup included: `avr ui` then exits with 0, other
@@ -54,7 +55,13 @@ from flows.config_files import (
 )
 from flows.deployments import FLOWS, PARAM_NAME, get_flow, render_deployments
 from flows.inspect_runs import open_store, print_outputs, print_runs, print_show
-from flows.local_prefect import Terminated, interrupt_on_sigterm, run_ui, temporary_api
+from flows.local_prefect import (
+    Terminated,
+    interrupt_on_sigterm,
+    run_ui,
+    temporary_api,
+    worker_commands,
+)
 
 __all__ = ["main", "run_demo", "run_flow"]
 
@@ -122,6 +129,18 @@ def _parser() -> argparse.ArgumentParser:
     ui.add_argument("--home", help="PREFECT_HOME for the server state (default: ~/.prefect)")
     ui.add_argument("--no-deploy", action="store_true", help="do not deploy prefect.yaml")
 
+    workers = sub.add_parser(
+        "workers", help="print the commands that start one process worker per GPU of this box"
+    )
+    workers.add_argument("--gpus", type=int, required=True, help="GPUs of this box")
+    workers.add_argument("--pool", default="gpu", help="work pool (default: gpu)")
+    workers.add_argument(
+        "--gpus-per-worker",
+        type=int,
+        default=1,
+        help="GPUs per worker, e.g. 2 for a tensor_parallel_size=2 model (default: 1)",
+    )
+
     render = sub.add_parser("render-deployments", help="write deployments/prefect.yaml")
     render.add_argument("--check", action="store_true", help="fail if prefect.yaml is out of date")
     return parser
@@ -156,6 +175,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         return print_show(store, args.run, args.step, args.rows, args.width)
     if args.command == "ui":
         return run_ui(args.port, args.home, not args.no_deploy)
+    if args.command == "workers":
+        try:
+            print("\n".join(worker_commands(args.gpus, args.pool, args.gpus_per_worker)))
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        return 0
     if args.command == "render-deployments":
         return render_deployments(args.check)
     raise AssertionError(f"unhandled command {args.command}")

@@ -8,6 +8,10 @@ Every flow gets a `tiny` deployment (deployments/configs/tiny.yaml, cpu pool) an
 deployment (deployments/configs/paper.yaml, the entry's pool); regenerate's paper deployment is
 the scheduled `nightly` one. Each deployment's parameters are the config sections its model has,
 validated before the file is written.
+
+The `step-slice` flow (flows/slices.py) is not in `FLOWS`: nobody runs it by hand or from a
+config, a scaled-out step launches it once per slice. It is deployed once per pool,
+`step-slice/cpu` and `step-slice/gpu` (`SLICE_DEPLOYMENTS`), with no default parameters.
 """
 
 from __future__ import annotations
@@ -81,6 +85,8 @@ __all__ = [
     "NIGHTLY_TIMEZONE",
     "PARAM_NAME",
     "PREFECT_YAML",
+    "SLICE_DEPLOYMENTS",
+    "SLICE_ENTRYPOINT",
     "FlowEntry",
     "check_config_file",
     "get_flow",
@@ -93,6 +99,9 @@ CONFIG_FILES = (TINY_CONFIG, PAPER_CONFIG)
 
 CPU_POOL = "cpu"
 GPU_POOL = "gpu"
+# The flow every slice of a scaled-out step runs, deployed on each pool as step-slice/{pool}.
+SLICE_ENTRYPOINT = "flows/slices.py:step_slice"
+SLICE_DEPLOYMENTS = (CPU_POOL, GPU_POOL)
 NIGHTLY_CRON = "0 2 * * *"
 NIGHTLY_TIMEZONE = "UTC"
 # Every factory flow takes its parameters as one pydantic model named `params` (the UI form).
@@ -253,8 +262,23 @@ def _deployment(
     }
 
 
+def _slice_deployment(pool: str) -> dict[str, Any]:
+    """step-slice/{pool}: the slices of scaled-out steps run here; the parent passes every
+    parameter (task, its parameters, shards), so there are no defaults."""
+    return {
+        "name": pool,
+        "entrypoint": SLICE_ENTRYPOINT,
+        "description": f"one slice of a scaled-out step (execution.workers > 1) on the {pool} pool",
+        "tags": ["avr", "step-slice"],
+        "parameters": {},
+        "work_pool": {"name": pool, "work_queue_name": "default", "job_variables": {}},
+        "enforce_parameter_schema": True,
+    }
+
+
 def render_prefect_yaml() -> str:
-    """prefect.yaml text: a tiny (cpu) and a paper deployment of every flow, and the schedule."""
+    """prefect.yaml text: a tiny (cpu) and a paper deployment of every flow, the schedule, and
+    the step-slice deployments."""
     tiny, paper = check_config_file(TINY_CONFIG), check_config_file(PAPER_CONFIG)
     deployments = []
     for entry in FLOWS:
@@ -265,6 +289,7 @@ def render_prefect_yaml() -> str:
                 {"cron": entry.cron, "timezone": NIGHTLY_TIMEZONE, "active": True}
             ]
         deployments.append(deployment)
+    deployments += [_slice_deployment(pool) for pool in SLICE_DEPLOYMENTS]
     document = {
         "name": "avr-factory",
         "prefect-version": "3.8.8",
@@ -296,5 +321,6 @@ def render_deployments(check: bool) -> int:
         print(f"{PREFECT_YAML} is up to date")
         return 0
     PREFECT_YAML.write_text(text)
-    print(f"wrote {PREFECT_YAML} ({len(FLOWS) * 2} deployments)")
+    count = len(FLOWS) * 2 + len(SLICE_DEPLOYMENTS)
+    print(f"wrote {PREFECT_YAML} ({count} deployments)")
     return 0

@@ -89,9 +89,16 @@ def summarize_run(store: DatasetStore, run: str) -> RunOverview:
     )
 
 
+def _shards(step: StepStatus) -> str:
+    """`k/n` for a partial step whose run recorded how many shards it will have, else `k`."""
+    if step.status == "partial" and step.shards_total is not None:
+        return f"{step.shards}/{step.shards_total}"
+    return str(step.shards)
+
+
 def _step_line(step: StepStatus) -> str:
     rows = "-" if step.rows is None else step.rows
-    return f"  {step.stage}/{step.step}: {step.status}, rows={rows}, shards={step.shards}"
+    return f"  {step.stage}/{step.step}: {step.status}, rows={rows}, shards={_shards(step)}"
 
 
 def print_runs(store: DatasetStore) -> int:
@@ -115,7 +122,7 @@ def print_runs(store: DatasetStore) -> int:
                 f"{step.stage}/{step.step}" if step else "-",
                 step.status if step else "empty",
                 "-" if step is None or step.rows is None else str(step.rows),
-                str(step.shards) if step else "0",
+                _shards(step) if step else "0",
             )
         table.add_section()
     console.print(table)

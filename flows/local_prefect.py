@@ -48,6 +48,7 @@ __all__ = [
     "run_ui",
     "start_local_prefect",
     "temporary_api",
+    "worker_commands",
 ]
 
 
@@ -132,16 +133,22 @@ class LocalPrefect:
             )
         return result
 
-    def start_worker(self, pool: str, name: str = "avr-local") -> subprocess.Popen:
-        """Start a process worker on `pool` in the background (logs in log_dir)."""
+    def start_worker(
+        self,
+        pool: str,
+        name: str = "avr-local",
+        limit: int | None = None,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.Popen:
+        """Start a process worker on `pool` in the background (logs in log_dir), running at
+        most `limit` flow runs at once, with `env` added to its environment (and its runs')."""
         log = open(self.log_dir / f"worker-{pool}.log", "ab")  # noqa: SIM115 - lives with the process
+        command = [_prefect_bin(), "worker", "start", "--pool", pool, "--type", "process"]
+        command += ["--name", name] + ([] if limit is None else ["--limit", str(limit)])
         process = subprocess.Popen(
-            die_with_parent(
-                [_prefect_bin(), "worker", "start", "--pool", pool, "--type", "process"]
-                + ["--name", name]
-            ),
+            die_with_parent(command),
             cwd=PROJECT_DIR,
-            env=self.env,
+            env={**self.env, **(env or {})},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -263,6 +270,41 @@ def ensure_pool(local: LocalPrefect, pool: str) -> None:
     """Create a process work pool unless it exists."""
     if local.prefect("work-pool", "inspect", pool, check=False).returncode != 0:
         local.prefect("work-pool", "create", pool, "--type", "process")
+
+
+def worker_commands(gpus: int, pool: str = GPU_POOL, gpus_per_worker: int = 1) -> list[str]:
+    """Shell lines that start one process worker per GPU (or per `gpus_per_worker` GPUs, for
+    tensor-parallel models) on one box, each with its own GPU concurrency limit.
+
+    A process worker's flow runs inherit its environment: `CUDA_VISIBLE_DEVICES` keeps each
+    slice's engine on that worker's GPUs, `AVR_WORKER_ID` names its limit `gpu:{id}` (and the
+    shards it computes), and `--limit 1` gives the worker one flow run at a time.
+    """
+    if gpus < 1 or gpus_per_worker < 1 or gpus % gpus_per_worker:
+        raise ValueError(
+            f"--gpus ({gpus}) must be a positive multiple of --gpus-per-worker ({gpus_per_worker})"
+        )
+    workers = gpus // gpus_per_worker
+    names = [f"{pool}-{k}" for k in range(workers)]
+    lines = [
+        f"# {workers} process worker(s) on pool {pool!r}, {gpus_per_worker} GPU(s) each; run "
+        "with PREFECT_API_URL set, and AVR_PROJECT_DIR at the flow code.",
+        "# Once: the pool (if it does not exist yet) and one GPU limit per worker.",
+        f"prefect work-pool create {pool} --type process",
+        *[f"prefect gcl create gpu:{name} --limit 1" for name in names],
+        "# Then each worker in its own shell or service unit:",
+    ]
+    for k, name in enumerate(names):
+        devices = ",".join(str(k * gpus_per_worker + g) for g in range(gpus_per_worker))
+        lines.append(
+            f"CUDA_VISIBLE_DEVICES={devices} AVR_WORKER_ID={name} prefect worker start "
+            f"--pool {pool} --type process --name {name} --limit 1"
+        )
+    lines.append(
+        f"# Steps then run with execution.workers={workers} and "
+        f"execution.slice_deployment=step-slice/{pool}."
+    )
+    return lines
 
 
 def run_ui(port: int | None, home: str | None, deploy: bool) -> int:

@@ -27,6 +27,7 @@ from avr_core.storage import DatasetStore
 __all__ = [
     "GPU_CONCURRENCY_LIMIT",
     "LazyEngine",
+    "gpu_limit_name",
     "gpu_slot",
     "local_model_dir",
     "open_generator",
@@ -38,6 +39,16 @@ __all__ = [
 ]
 
 GPU_CONCURRENCY_LIMIT = "gpu"
+
+
+def gpu_limit_name(worker_id: str) -> str:
+    """The concurrency limit of one worker's GPU(s): `gpu:{worker_id}`.
+
+    Keyed per worker (Prefect's per-worker task concurrency pattern): with one global `gpu`
+    limit, an engine on worker A would wait for a slot that worker B's engine holds, though each
+    worker has GPUs of its own.
+    """
+    return f"{GPU_CONCURRENCY_LIMIT}:{worker_id}"
 
 
 def quiet_progress_bars_off_terminal() -> None:
@@ -101,16 +112,17 @@ def uses_local_gpu(spec: ModelSpec | None, execution: ExecutionConfig) -> bool:
 
 @contextlib.contextmanager
 def gpu_slot(spec: ModelSpec | None, execution: ExecutionConfig) -> Iterator[None]:
-    """Hold a slot of the `gpu` concurrency limit while an engine or trainer is on a GPU.
+    """Hold the slot of this worker's GPU limit (`gpu:{AVR_WORKER_ID}`) while an engine or
+    trainer is on its GPU.
 
-    Two engines must never share one GPU: operators create the limit once
-    (`prefect gcl create gpu --limit N`, N = GPUs). Without that limit (embedded runs) the slot
-    is not enforced (strict=False), and CPU-only work never asks for one.
+    Two engines must never share one GPU: operators create one limit per worker, of 1
+    (`prefect gcl create gpu:gpu-0 --limit 1`; `avr workers` prints them). Without that limit
+    (embedded runs) the slot is not enforced (strict=False), and CPU-only work never asks.
     """
     if not uses_local_gpu(spec, execution):
         yield
         return
-    with concurrency(GPU_CONCURRENCY_LIMIT, occupy=1, strict=False):
+    with concurrency(gpu_limit_name(settings().worker_id), occupy=1, strict=False):
         yield
 
 

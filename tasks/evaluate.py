@@ -31,14 +31,7 @@ from avr_core.results import StepResult
 from avr_core.schemas import RECORD_TYPES, Judgement
 from avr_core.steps import ShardOutput, StepIO, plan_step, require_manifest, split_into_shards
 from avr_core.storage import DatasetStore
-from tasks.engines import (
-    LazyEngine,
-    gpu_slot,
-    open_generator,
-    open_reward_model,
-    open_store,
-    settings,
-)
+from tasks.engines import LazyEngine, open_generator, open_reward_model, open_store, settings
 from tasks.runlog import artifact_key
 from tasks.step_runner import execute_plan
 from tasks.trees import revision_of
@@ -175,9 +168,14 @@ def evaluate_task(
         return ShardOutput(rows, _shard_stats(len(chunks[index]), len(rows), unjudged))
 
     engines = [e for e in (scorer, judge) if e is not None]
-    on_gpu = judge_spec if judge_spec is not None else reward_spec
-    with gpu_slot(on_gpu, execution):
-        result = execute_plan(plan, compute, engines, extra_counts={"prompts_left_out": missing})
+    result = execute_plan(
+        plan,
+        compute,
+        engines,
+        extra_counts={"prompts_left_out": missing},
+        execution=execution,
+        models=[reward_spec, judge_spec],
+    )
     _export_alpaca_eval(store, io.run, params.name, [*candidates, baseline], prompt_ids)
     return result
 

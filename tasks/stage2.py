@@ -41,14 +41,7 @@ from avr_core.step_kinds import (
 )
 from avr_core.steps import Source, StepIO, plan_step
 from avr_core.templates import load_templates
-from tasks.engines import (
-    LazyEngine,
-    gpu_slot,
-    open_generator,
-    open_reward_model,
-    open_store,
-    uses_local_gpu,
-)
+from tasks.engines import LazyEngine, open_generator, open_reward_model, open_store
 from tasks.step_runner import execute_plan
 from tasks.trees import revision_of, score_step
 
@@ -101,12 +94,12 @@ def greedy_search_task(
     generator: LazyEngine[Generator] = LazyEngine(lambda: open_generator(policy, execution))
     scorer: LazyEngine[RewardModel] = LazyEngine(lambda: open_reward_model(reward, execution))
     compute = search_shards(generator.get, scorer.get, templates, search, lineage)
-    # Both engines run in this one process on this worker's GPU: one slot (asking for two would
-    # wait forever on a one-GPU worker). Two in-process vLLM engines must share the memory
-    # (execution.gpu_memory_utilization); a big reward model is better served by `vllm serve`.
-    on_gpu = policy if uses_local_gpu(policy, execution) else reward
-    with gpu_slot(on_gpu, execution):
-        return execute_plan(plan, compute, (generator, scorer))
+    # Both engines run in this one process: two in-process vLLM engines on one GPU must share
+    # its memory (execution.gpu_memory_utilization); a big reward model is better served by
+    # `vllm serve`, or spread over more GPUs of the worker (tensor_parallel_size).
+    return execute_plan(
+        plan, compute, (generator, scorer), execution=execution, models=[policy, reward]
+    )
 
 
 @task(name="select-trajectories", cache_policy=NO_CACHE, **_SHARD_RETRIES)
@@ -153,8 +146,8 @@ def sample_long_responses_task(
         sampling=long.sampling,
     )
     engine: LazyEngine[Generator] = LazyEngine(lambda: open_generator(policy, execution))
-    with gpu_slot(policy, execution):
-        return execute_plan(plan, long_response_shards(engine.get, long, lineage), engine)
+    compute = long_response_shards(engine.get, long, lineage)
+    return execute_plan(plan, compute, engine, execution=execution, models=[policy])
 
 
 @task(name="score-long-responses", cache_policy=NO_CACHE, **_SHARD_RETRIES)

@@ -22,15 +22,7 @@ from avr_core.schemas import Lineage, PromptRecord, RefinedAnswers, ThoughtAnswe
 from avr_core.step_kinds import own_answer_shards, refine_shards, think_shards
 from avr_core.steps import ShardOutput, Source, StepIO, plan_step, split_into_shards
 from avr_core.templates import load_templates
-from tasks.engines import (
-    LazyEngine,
-    gpu_slot,
-    open_generator,
-    open_reward_model,
-    open_store,
-    settings,
-    uses_local_gpu,
-)
+from tasks.engines import LazyEngine, open_generator, open_reward_model, open_store, settings
 from tasks.prompts import retry_transient_only
 from tasks.step_runner import execute_plan
 from tasks.trees import revision_of
@@ -117,8 +109,7 @@ def own_answers_task(
     )
     engine: LazyEngine[Generator] = LazyEngine(lambda: open_generator(policy, execution))
     compute = own_answer_shards(engine.get, refine.sampling, _lineage(io, policy))
-    with gpu_slot(policy, execution):
-        return execute_plan(plan, compute, engine)
+    return execute_plan(plan, compute, engine, execution=execution, models=[policy])
 
 
 @task(name="refine", cache_policy=NO_CACHE, **_SHARD_RETRIES)
@@ -162,9 +153,7 @@ def refine_task(
     compute = refine_shards(
         generator.get, scorer.get if scorer is not None else None, templates, refine
     )
-    on_gpu = policy if reward is None or uses_local_gpu(policy, execution) else reward
-    with gpu_slot(on_gpu, execution):
-        return execute_plan(plan, compute, engines)
+    return execute_plan(plan, compute, engines, execution=execution, models=[policy, reward])
 
 
 @task(name="think", cache_policy=NO_CACHE, **_SHARD_RETRIES)
@@ -184,5 +173,5 @@ def think_task(
         [Source(io.source, PromptRecord)],
     )
     engine: LazyEngine[Generator] = LazyEngine(lambda: open_generator(policy, execution))
-    with gpu_slot(policy, execution):
-        return execute_plan(plan, think_shards(engine.get, think, _lineage(io, policy)), engine)
+    compute = think_shards(engine.get, think, _lineage(io, policy))
+    return execute_plan(plan, compute, engine, execution=execution, models=[policy])

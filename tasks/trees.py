@@ -22,7 +22,6 @@ from avr_core.steps import ShardCompute, Source, StepIO, plan_step
 from avr_core.templates import load_templates
 from tasks.engines import (
     LazyEngine,
-    gpu_slot,
     open_generator,
     open_reward_model,
     open_store,
@@ -74,8 +73,8 @@ def generate_trees_task(
     )
     engine: LazyEngine[Generator] = LazyEngine(lambda: open_generator(policy, execution))
 
-    with gpu_slot(policy, execution):
-        return execute_plan(plan, tree_shards(engine.get, templates, tree, lineage), engine)
+    compute = tree_shards(engine.get, templates, tree, lineage)
+    return execute_plan(plan, compute, engine, execution=execution, models=[policy])
 
 
 def score_step(
@@ -98,8 +97,7 @@ def score_step(
         [Source(io.source, record_type)],
     )
     engine: LazyEngine[RewardModel] = LazyEngine(lambda: open_reward_model(reward, execution))
-    with gpu_slot(reward, execution):
-        return execute_plan(plan, shards(engine.get), engine)
+    return execute_plan(plan, shards(engine.get), engine, execution=execution, models=[reward])
 
 
 @task(name="score-trees", cache_policy=NO_CACHE, **_SHARD_RETRIES)

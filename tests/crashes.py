@@ -3,6 +3,7 @@ once a given shard file exists, and fingerprint shard files to prove they were n
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["file_states", "kill_once_committed"]
+__all__ = ["file_states", "flow_run_processes", "kill_once_committed"]
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 
@@ -24,6 +25,18 @@ def file_states(directory: Path) -> dict[str, tuple[int, str]]:
         path.name: (path.stat().st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest())
         for path in sorted(directory.glob("part-*.parquet"))
     }
+
+
+def flow_run_processes(flow_run_id: str) -> list[int]:
+    """Pids of the processes that run a Prefect flow run on this machine: a process worker starts
+    each flow run with PREFECT__FLOW_RUN_ID in its environment (the worker itself has none)."""
+    needle = f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode()
+    pids = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        with contextlib.suppress(OSError):
+            if needle in environ.read_bytes().split(b"\0"):
+                pids.append(int(environ.parent.name))
+    return pids
 
 
 def kill_once_committed(

@@ -7,10 +7,13 @@ a private PREFECT_HOME and no telemetry (which hit "database is locked" errors o
 
 from __future__ import annotations
 
+import asyncio
 import os
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,6 +24,38 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
 # Tests must not depend on (or write to) the developer's own Prefect profile or server.
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("PREFECT_PROFILE", None)
+
+
+POSTGRES = "postgres@127.0.0.1:5432"
+
+
+async def run_postgres(sql: str, database: str = "test") -> Any:
+    """Run one statement on the machine's PostgreSQL; the first value of its first row, if any."""
+    import asyncpg
+
+    connection = await asyncpg.connect(f"postgresql://{POSTGRES}/{database}", timeout=5)
+    try:
+        return await connection.fetchval(sql)
+    finally:
+        await connection.close()
+
+
+@pytest.fixture(scope="module")
+def postgres_database_url() -> Iterator[str | None]:
+    """A fresh PostgreSQL database for a Prefect server (dropped afterwards), as a production
+    server keeps its state; None where no PostgreSQL answers (the server then uses SQLite)."""
+    import asyncpg
+
+    name = f"avr_prefect_{uuid.uuid4().hex[:12]}"
+    try:
+        asyncio.run(run_postgres(f'CREATE DATABASE "{name}"'))
+    except (OSError, TimeoutError, asyncpg.PostgresError):
+        yield None
+        return
+    try:
+        yield f"postgresql+asyncpg://{POSTGRES}/{name}"
+    finally:
+        asyncio.run(run_postgres(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @pytest.fixture(scope="session")

@@ -28,6 +28,8 @@ from flows.deployments import (
     GPU_POOL,
     PARAM_NAME,
     PREFECT_YAML,
+    SLICE_DEPLOYMENTS,
+    SLICE_ENTRYPOINT,
     check_config_file,
     get_flow,
     render_prefect_yaml,
@@ -36,6 +38,8 @@ from flows.deployments import (
 ROOT = Path(__file__).resolve().parents[1]
 JOB_TEMPLATES = ROOT / "deployments" / "job_templates"
 DEPLOYMENTS = yaml.safe_load(PREFECT_YAML.read_text())["deployments"]
+# The flows of FLOWS; step-slice (launched by scaled-out steps, never by hand) is checked apart.
+FLOW_DEPLOYMENTS = [d for d in DEPLOYMENTS if d["entrypoint"] != SLICE_ENTRYPOINT]
 
 
 @pytest.fixture(scope="module")
@@ -124,13 +128,31 @@ def test_every_flow_has_a_tiny_and_a_paper_deployment(document: dict[str, Any]) 
     by_entrypoint: dict[str, set[str]] = {}
     for deployment in document["deployments"]:
         by_entrypoint.setdefault(deployment["entrypoint"], set()).add(deployment["name"])
-    assert set(by_entrypoint) == {entry.entrypoint for entry in FLOWS}
+    assert set(by_entrypoint) == {entry.entrypoint for entry in FLOWS} | {SLICE_ENTRYPOINT}
     for entry in FLOWS:
         assert by_entrypoint[entry.entrypoint] == {"tiny", entry.paper_name}, entry.name
+    assert by_entrypoint[SLICE_ENTRYPOINT] == set(SLICE_DEPLOYMENTS)
+
+
+def test_slice_deployments_load_on_both_pools(monkeypatch: pytest.MonkeyPatch) -> None:
+    """step-slice/cpu and step-slice/gpu: no defaults, the parent passes every parameter."""
+    monkeypatch.chdir(ROOT)
+    slices = [d for d in DEPLOYMENTS if d["entrypoint"] == SLICE_ENTRYPOINT]
+    assert {(d["name"], d["work_pool"]["name"]) for d in slices} == {
+        (CPU_POOL, CPU_POOL),
+        (GPU_POOL, GPU_POOL),
+    }
+    flow = load_flow_from_entrypoint(SLICE_ENTRYPOINT)
+    assert flow.name == "step-slice"
+    assert all(d["parameters"] == {} and d["enforce_parameter_schema"] for d in slices)
+    checked = flow.validate_parameters(
+        {"task_name": "generate-trees", "parameters": {"io": {}}, "shards": [0, 2]}
+    )
+    assert checked["shards"] == [0, 2]
 
 
 @pytest.mark.parametrize(
-    "deployment", DEPLOYMENTS, ids=lambda d: f"{d['entrypoint'].rsplit(':')[-1]}/{d['name']}"
+    "deployment", FLOW_DEPLOYMENTS, ids=lambda d: f"{d['entrypoint'].rsplit(':')[-1]}/{d['name']}"
 )
 def test_deployment_loads_validates_and_has_its_pool(
     deployment: dict[str, Any], monkeypatch: pytest.MonkeyPatch

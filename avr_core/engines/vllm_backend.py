@@ -172,6 +172,10 @@ def build_engine_kwargs(
         "seed": _ENGINE_SEED,
         "enable_prefix_caching": True,
         "gpu_memory_utilization": execution.gpu_memory_utilization,
+        # A model too big for one GPU spans several GPUs of its worker (one slice = one engine):
+        # the worker must see tensor x pipeline GPUs (CUDA_VISIBLE_DEVICES, job gpu_count).
+        "tensor_parallel_size": spec.tensor_parallel_size,
+        "pipeline_parallel_size": spec.pipeline_parallel_size,
     }
     if on_cpu:
         kwargs.update(cpu_engine_settings(execution, cpu_kv_cache_gib, runner))
