@@ -13,12 +13,10 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 import yaml
@@ -29,6 +27,7 @@ from avr_core.layout import RunLayout, version_record_path
 from avr_core.storage import DatasetStore
 from flows.deployments import CPU_POOL, GPU_POOL, NIGHTLY_CRON, PREFECT_YAML
 from flows.local_prefect import LocalPrefect, ensure_pool, start_local_prefect
+from tests.fixtures_prefect import run_postgres
 
 pytestmark = pytest.mark.slow
 
@@ -36,39 +35,15 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO_PROMPTS = ROOT / "avr_core" / "data" / "demo_prompts.jsonl"
 DEPLOYMENT = "regenerate/tiny"
 LATEST = version_record_path("tiny", "latest")
-POSTGRES = "postgres@127.0.0.1:5432"
-
-
-async def _postgres(sql: str, database: str = "test") -> Any:
-    """Run one statement; returns the first value of its first row, if any."""
-    connection = await asyncpg.connect(f"postgresql://{POSTGRES}/{database}", timeout=5)
-    try:
-        return await connection.fetchval(sql)
-    finally:
-        await connection.close()
-
-
-@pytest.fixture(scope="module")
-def database_url() -> Iterator[str | None]:
-    """A fresh PostgreSQL database for the server (dropped afterwards), or None for SQLite."""
-    name = f"avr_prefect_{uuid.uuid4().hex[:12]}"
-    try:
-        asyncio.run(_postgres(f'CREATE DATABASE "{name}"'))
-    except (OSError, TimeoutError, asyncpg.PostgresError):
-        yield None  # no PostgreSQL here: the server's default SQLite file in its PREFECT_HOME
-        return
-    try:
-        yield f"postgresql+asyncpg://{POSTGRES}/{name}"
-    finally:
-        asyncio.run(_postgres(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @pytest.fixture(scope="module")
 def server(
-    tmp_path_factory: pytest.TempPathFactory, database_url: str | None
+    tmp_path_factory: pytest.TempPathFactory, postgres_database_url: str | None
 ) -> Iterator[LocalPrefect]:
     """Server + cpu/gpu process pools + all deployments + a worker on the cpu pool."""
     home = tmp_path_factory.mktemp("prefect-home")
+    database_url = postgres_database_url
     extra_env = {"PREFECT_API_DATABASE_CONNECTION_URL": database_url} if database_url else {}
     with start_local_prefect(home, extra_env=extra_env) as local:
         for pool in (CPU_POOL, GPU_POOL):
@@ -193,12 +168,13 @@ def test_deployments_match_prefect_yaml(server: LocalPrefect) -> None:
 
 
 def test_server_state_is_in_postgres_when_reachable(
-    server: LocalPrefect, database_url: str | None
+    server: LocalPrefect, postgres_database_url: str | None
 ) -> None:
+    database_url = postgres_database_url
     if database_url is None:
         pytest.skip("no PostgreSQL at 127.0.0.1:5432: the server keeps its state in SQLite")
     database = database_url.rsplit("/", 1)[1]
-    count = asyncio.run(_postgres("SELECT count(*) FROM deployment", database))
+    count = asyncio.run(run_postgres("SELECT count(*) FROM deployment", database))
     assert count == len(yaml.safe_load(PREFECT_YAML.read_text())["deployments"])
 
 
