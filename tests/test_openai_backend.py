@@ -216,20 +216,18 @@ def test_payload_and_root_helpers() -> None:
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_generate_through_vllm_serve(vllm_server) -> None:
-    # One request at a time: a seed fixes the sampling, not the batch a request shares with
-    # others, and on a loaded CPU two concurrent requests were batched differently on the second
-    # call (the same first tokens, a different last one).
+    # The seed reaching the server is checked on the wire against the fake server above. Equal
+    # samples from two seeded calls are not asserted here: vLLM does not promise them across
+    # calls (prefix-cache hits and batch shapes change the CPU kernels' rounding, and CI saw a
+    # sample differ in its seventh token twice), so such a check only measures vLLM's numerics.
     generator = OpenAIGenerator(
-        _spec(vllm_server.base_url, model=vllm_server.generator_name),
-        ExecutionConfig(max_concurrency=1),
+        _spec(vllm_server.base_url, model=vllm_server.generator_name), ExecutionConfig()
     )
     conversations = [_chat("Name a colour."), _chat("Say hello in French.")]
     outputs = generator.chat(conversations, Sampling(n=2, max_tokens=8, seed=3))
-    again = generator.chat(conversations, Sampling(n=2, max_tokens=8, seed=3))
     generator.close()
     assert [len(samples) for samples in outputs] == [2, 2]
     assert all(text.strip() for samples in outputs for text in samples)
-    assert outputs == again  # a fixed seed reproduces the samples
 
 
 @pytest.mark.vllm
