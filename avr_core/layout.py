@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 __all__ = [
+    "CARD_CONFIG_NAME",
+    "CARD_NAME",
     "CHECKPOINTS",
     "COMPLETE_MARKER",
     "FINAL_DIR_NAME",
@@ -29,7 +31,9 @@ __all__ = [
     "MANIFEST_NAME",
     "PLAN_NAME",
     "RECORDS",
+    "REPORTS",
     "RUNS",
+    "RUN_REPORT_NAME",
     "RunLayout",
     "StepRef",
     "check_name",
@@ -44,6 +48,10 @@ COMPLETE_MARKER = "_complete.json"
 JOB_MARKER = "_job.json"
 CHECKPOINTS = "checkpoints"
 RECORDS = "_records"
+REPORTS = "reports"
+CARD_NAME = "README.md"
+CARD_CONFIG_NAME = "_config.yaml"
+RUN_REPORT_NAME = "report.html"
 SHARD_NAME = re.compile(r"^part-(\d{5})\.parquet$")
 
 
@@ -130,10 +138,28 @@ class RunLayout:
         """Rejected input rows of an ingest step: beside its step directory, not inside."""
         return f"{self.directory}/{check_name('stage', ref[0])}/rejects.jsonl"
 
+    @property
+    def reports(self) -> str:
+        """runs/{run}/reports: every evaluation's directory (not a stage)."""
+        return f"{self.directory}/{REPORTS}"
+
     def report(self, name: str, file: str = "") -> str:
         """runs/{run}/reports/{name}/{file}: an evaluation's summary, plots and exports."""
-        base = f"{self.directory}/reports/{check_name('report', name)}"
+        base = f"{self.reports}/{check_name('report', name)}"
         return f"{base}/{file}" if file else base
+
+    @property
+    def run_report(self) -> str:
+        """runs/{run}/report.html: the run's page (`avr report`); a file, so never a stage."""
+        return f"{self.directory}/{RUN_REPORT_NAME}"
+
+    def step_card(self, ref: StepRef) -> str:
+        """The dataset card (Hugging Face README.md) beside a sealed step's shards."""
+        return f"{self.step(ref)}/{CARD_NAME}"
+
+    def step_config(self, ref: StepRef) -> str:
+        """The parameters of the flow that sealed a step, as a config file, beside its card."""
+        return f"{self.step(ref)}/{CARD_CONFIG_NAME}"
 
     def checkpoints(self, train_step: str) -> str:
         return f"{self.directory}/{CHECKPOINTS}/{check_name('train_step', train_step)}"

@@ -41,15 +41,19 @@ from avr_core.schemas import (
     PromptRecord,
     Refinement,
     Round,
+    TokenCount,
 )
 from avr_core.selection import pick_round_winner
 from avr_core.synthesis import (
     SynthesisStats,
     chat_checked,
+    copy_totals,
     generate_critiques,
     generate_refinements,
     level_sampling,
     score_checked,
+    slot_texts,
+    token_counts,
 )
 from avr_core.templates import Templates, extract_final_answer
 
@@ -78,6 +82,8 @@ class SearchStats(BaseModel):
     engine_calls: int = Field(0, description="generation calls, starting answers included")
     reward_calls: int = 0
     generated_chars: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
     rounds: Counter[int] = Field(
         default_factory=Counter, description="rounds run -> how many prompts ran that many"
     )
@@ -105,6 +111,7 @@ class _Searching:
     current_score: float
     rounds: list[Round] = field(default_factory=list)
     active: bool = True
+    token_counts: list[TokenCount] = field(default_factory=list)
 
 
 def _usable(score: float | None) -> TypeGuard[float]:
@@ -200,8 +207,9 @@ def greedy_search(
             if state.active and round_index == search.max_rounds - 1:
                 stats.reached_max_rounds += 1
 
-    for name in ("format_retries", "dropped_critiques", "engine_calls", "generated_chars"):
-        setattr(stats, name, getattr(synthesis, name))
+    copy_totals(synthesis, stats)
+    stats.format_retries = synthesis.format_retries
+    stats.dropped_critiques = synthesis.dropped_critiques
     stats.rounds = Counter(len(s.rounds) for s in states)
     record_lineage = lineage.model_copy(
         update={
@@ -219,6 +227,10 @@ def greedy_search(
             rounds=s.rounds,
             constraints=s.prompt.constraints,
             lineage=record_lineage,
+            token_counts=[
+                *token_counts([(f"messages[{len(s.prompt.messages)}].content", s.start)]),
+                *s.token_counts,
+            ],
         )
         for s in states
     ]
@@ -261,6 +273,10 @@ def _run_round(
     stats.critiques += len(slots)
     stats.refinements += sum(len(slot.refinements) for slot in slots)
 
+    for i, state in enumerate(active):
+        own = [slot for slot in slots if slot.tree_index == i]
+        path = f"rounds[{len(state.rounds)}].critiques"
+        state.token_counts.extend(token_counts(slot_texts(own, path)))
     for state, round_critiques in zip(active, critiques, strict=True):
         scored = [
             r.score
@@ -316,6 +332,8 @@ class LongResponseStats(BaseModel):
     engine_calls: int = 0
     reward_calls: int = 0
     generated_chars: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
     scored: int = Field(0, description="final answers scored")
 
 
@@ -372,8 +390,7 @@ def sample_long_responses(
 
     stats.responses = len(slots)
     stats.unparsed = sum(slot.final_answer is None for slot in slots)
-    stats.engine_calls = synthesis.engine_calls
-    stats.generated_chars = synthesis.generated_chars
+    copy_totals(synthesis, stats)
     record_lineage = lineage.model_copy(
         update={
             "generator": lineage.generator or generator.model_id,
@@ -382,6 +399,7 @@ def sample_long_responses(
     )
     records = []
     for i, search in enumerate(searches):
+        own = [slot for slot in slots if slot.prompt_index == i]
         records.append(
             CoTSample(
                 prompt_id=search.prompt_id,
@@ -393,11 +411,13 @@ def sample_long_responses(
                         final_answer=slot.final_answer,
                         format_retries=slot.format_retries,
                     )
-                    for slot in slots
-                    if slot.prompt_index == i
+                    for slot in own
                 ],
                 constraints=search.constraints,
                 lineage=record_lineage,
+                token_counts=token_counts(
+                    [(f"samples[{k}].response", slot.response) for k, slot in enumerate(own)]
+                ),
             )
         )
     return records, stats

@@ -75,6 +75,8 @@ COUNT_LABELS: dict[str, str] = {
     "kept_previous": "rounds that kept the previous answer (keep_best)",
     "format_failures": "format failures (final answer never parsed)",
     "generated_chars": "generated characters",
+    "prompt_tokens": "prompt tokens (per conversation and call)",
+    "completion_tokens": "generated tokens",
     "engine_calls": "engine calls",
     "reward_calls": "reward calls",
 }
@@ -185,9 +187,8 @@ class SliceProgress(BaseModel):
     shards: int = Field(description="shards in the slice")
     done: int = Field(description="of them, committed now")
     rows: int = Field(description="rows in the committed shards")
-    generated_chars: int | None = Field(
-        None, description="characters the shards generated (a generation step's token proxy)"
-    )
+    generated_chars: int | None = Field(None, description="characters the shards generated")
+    completion_tokens: int | None = Field(None, description="tokens the shards generated")
     workers: list[str] = Field(default_factory=list, description="workers that computed them")
     flow_run: str | None = Field(None, description="the child flow run (None: nothing to do)")
     state: str | None = None
@@ -202,6 +203,7 @@ def render_slices_markdown(name: str, slices: Sequence[SliceProgress]) -> str:
             f"{s.done}/{s.shards}",
             str(s.rows),
             "-" if s.generated_chars is None else str(s.generated_chars),
+            "-" if s.completion_tokens is None else str(s.completion_tokens),
             "-" if s.seconds is None else f"{s.seconds:.1f}",
             s.flow_run or "-",
             s.state or "-",
@@ -216,6 +218,7 @@ def render_slices_markdown(name: str, slices: Sequence[SliceProgress]) -> str:
         "shards done",
         "rows",
         "generated chars",
+        "generated tokens",
         "seconds",
         "child flow run",
         "state",

@@ -58,6 +58,10 @@ class TrainResult(BaseModel):
     checkpoint_uri: str
     final_uri: str
     revision: str | None = Field(description="training fingerprint of the final model")
+    global_step: int | None = Field(None, description="optimizer steps of the final model")
+    tokens_seen: int | None = Field(
+        None, description="non-padding tokens trained on (TRL's count, since the last resume)"
+    )
 
 
 class RunSummary(BaseModel):

@@ -8,6 +8,7 @@ fixed. Every record converts losslessly to a pyarrow Table and back (`records_to
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
@@ -176,6 +177,47 @@ CRITIQUE_TYPE = pa.struct(
 )
 
 
+class TokenCount(BaseModel):
+    """The tokens of one generated text of a record, as the engine counted them: `text` names it
+    by its path in the record (`messages[2].content`, `critiques[0].refinements[1].text`,
+    `rounds[1].critique`, `samples[3].response`), `prompt_tokens` the rendered conversation it
+    answered, `completion_tokens` the text itself (stop token included)."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+_PATH_PART = re.compile(r"([A-Za-z_]\w*)(?:\[(\d+)\])?")
+
+
+def text_at(record: BaseModel, path: str) -> str:
+    """The text a `TokenCount.text` path names in `record`, e.g. `critiques[0].refinements[1].text`
+    (KeyError naming the path when it names nothing)."""
+    node: Any = record
+    for part in path.split("."):
+        match = _PATH_PART.fullmatch(part)
+        try:
+            if match is None:
+                raise KeyError(part)
+            node = getattr(node, match.group(1))
+            if match.group(2) is not None:
+                node = node[int(match.group(2))]
+        except (AttributeError, IndexError, KeyError, TypeError) as err:
+            raise KeyError(f"{type(record).__name__} has no text at {path!r}") from err
+    if not isinstance(node, str):
+        raise KeyError(f"{type(record).__name__}.{path} is not a text")
+    return node
+
+
+TOKEN_COUNT_TYPE = pa.struct(
+    [("text", pa.string()), ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64())]
+)
+TOKEN_COUNTS_FIELD = ("token_counts", pa.list_(TOKEN_COUNT_TYPE))
+# Records stored before token accounting have no such column: they read with no counts.
+TOKEN_COUNTS_OPTIONAL = frozenset({"token_counts"})
+
+
 class RefinementTree(ArrowRecord):
     """Stage I tree: the answer being refined (last message), its critiques and their refinements."""
 
@@ -185,6 +227,9 @@ class RefinementTree(ArrowRecord):
     critiques: list[Critique] = Field(default_factory=list)
     constraints: list[Constraint] = Field(default_factory=list)
     lineage: Lineage = Field(default_factory=Lineage)
+    token_counts: list[TokenCount] = Field(
+        default_factory=list, description="tokens of each generated text (empty: not counted)"
+    )
 
     @field_validator("messages")
     @classmethod
@@ -205,8 +250,10 @@ class RefinementTree(ArrowRecord):
             ("critiques", pa.list_(CRITIQUE_TYPE)),
             ("constraints", pa.list_(CONSTRAINT_TYPE)),
             ("lineage", LINEAGE_TYPE),
+            TOKEN_COUNTS_FIELD,
         ]
     )
+    optional_fields: ClassVar[frozenset[str]] = TOKEN_COUNTS_OPTIONAL
 
 
 SFTKind = Literal["refinement", "original", "trajectory"]
@@ -291,6 +338,9 @@ class GreedySearch(ArrowRecord):
     rounds: list[Round] = Field(default_factory=list)
     constraints: list[Constraint] = Field(default_factory=list)
     lineage: Lineage = Field(default_factory=Lineage)
+    token_counts: list[TokenCount] = Field(
+        default_factory=list, description="tokens of each generated text (empty: not counted)"
+    )
 
     arrow_schema: ClassVar[pa.Schema] = pa.schema(
         [
@@ -300,8 +350,10 @@ class GreedySearch(ArrowRecord):
             ("rounds", pa.list_(ROUND_TYPE)),
             ("constraints", pa.list_(CONSTRAINT_TYPE)),
             ("lineage", LINEAGE_TYPE),
+            TOKEN_COUNTS_FIELD,
         ]
     )
+    optional_fields: ClassVar[frozenset[str]] = TOKEN_COUNTS_OPTIONAL
 
 
 class CoTResponse(BaseModel):
@@ -331,6 +383,9 @@ class CoTSample(ArrowRecord):
     samples: list[CoTResponse] = Field(default_factory=list)
     constraints: list[Constraint] = Field(default_factory=list)
     lineage: Lineage = Field(default_factory=Lineage)
+    token_counts: list[TokenCount] = Field(
+        default_factory=list, description="tokens of each generated text (empty: not counted)"
+    )
 
     arrow_schema: ClassVar[pa.Schema] = pa.schema(
         [
@@ -340,8 +395,10 @@ class CoTSample(ArrowRecord):
             ("samples", pa.list_(COT_RESPONSE_TYPE)),
             ("constraints", pa.list_(CONSTRAINT_TYPE)),
             ("lineage", LINEAGE_TYPE),
+            TOKEN_COUNTS_FIELD,
         ]
     )
+    optional_fields: ClassVar[frozenset[str]] = TOKEN_COUNTS_OPTIONAL
 
 
 class AnswerRound(BaseModel):
@@ -377,6 +434,9 @@ class RefinedAnswers(ArrowRecord):
     rounds: list[AnswerRound] = Field(default_factory=list)
     constraints: list[Constraint] = Field(default_factory=list)
     lineage: Lineage = Field(default_factory=Lineage)
+    token_counts: list[TokenCount] = Field(
+        default_factory=list, description="tokens of each generated text (empty: not counted)"
+    )
 
     arrow_schema: ClassVar[pa.Schema] = pa.schema(
         [
@@ -386,8 +446,10 @@ class RefinedAnswers(ArrowRecord):
             ("rounds", pa.list_(ANSWER_ROUND_TYPE)),
             ("constraints", pa.list_(CONSTRAINT_TYPE)),
             ("lineage", LINEAGE_TYPE),
+            TOKEN_COUNTS_FIELD,
         ]
     )
+    optional_fields: ClassVar[frozenset[str]] = TOKEN_COUNTS_OPTIONAL
 
 
 class ThoughtAnswer(ArrowRecord):
@@ -402,6 +464,9 @@ class ThoughtAnswer(ArrowRecord):
     format_failure: bool = False
     constraints: list[Constraint] = Field(default_factory=list)
     lineage: Lineage = Field(default_factory=Lineage)
+    token_counts: list[TokenCount] = Field(
+        default_factory=list, description="tokens of each generated text (empty: not counted)"
+    )
 
     arrow_schema: ClassVar[pa.Schema] = pa.schema(
         [
@@ -413,8 +478,10 @@ class ThoughtAnswer(ArrowRecord):
             ("format_failure", pa.bool_()),
             ("constraints", pa.list_(CONSTRAINT_TYPE)),
             ("lineage", LINEAGE_TYPE),
+            TOKEN_COUNTS_FIELD,
         ]
     )
+    optional_fields: ClassVar[frozenset[str]] = TOKEN_COUNTS_OPTIONAL
 
 
 class Judgement(ArrowRecord):

@@ -48,7 +48,7 @@ from avr_core.selection import (
     trajectory_outcome,
 )
 from avr_core.steps import ShardCompute, ShardOutput
-from avr_core.synthesis import generate_trees, score_gains, score_trees
+from avr_core.synthesis import ENGINE_TOTALS, generate_trees, score_gains, score_trees
 from avr_core.templates import Templates, extract_final_answer
 from avr_core.testtime import own_starting_answers, refine_answers, think
 
@@ -152,7 +152,7 @@ def _search_stats(stats: SearchStats, records: list[GreedySearch]) -> ShardStats
             "dropped_critiques",
             "engine_calls",
             "reward_calls",
-            "generated_chars",
+            *ENGINE_TOTALS,
         }
     )
     counts.update({f"searches_with_{n}_rounds": k for n, k in sorted(stats.rounds.items())})
@@ -219,7 +219,7 @@ def long_response_shards(
         (searches,) = inputs
         records, stats = sample_long_responses(generator(), searches, long, lineage)
         counts = stats.model_dump(
-            include={"responses", "format_retries", "unparsed", "engine_calls", "generated_chars"}
+            include={"responses", "format_retries", "unparsed", *ENGINE_TOTALS}
         )
         counts["long_prompts"] = stats.prompts
         values = {"response_chars": [float(len(r.response)) for c in records for r in c.samples]}
@@ -285,7 +285,7 @@ def own_answer_shards(
     def compute(index: int, inputs: tuple[list[PromptRecord], ...]) -> ShardOutput:
         (prompts,) = inputs
         records, stats = own_starting_answers(generator(), prompts, sampling, lineage)
-        counts = {"prompts_in": len(prompts), "engine_calls": stats.engine_calls}
+        counts = {"prompts_in": len(prompts), **stats.model_dump(include=set(ENGINE_TOTALS))}
         return ShardOutput(records, ShardStats(counts=counts))
 
     return compute
@@ -306,7 +306,7 @@ def refine_shards(
             generator(), starts, templates, refine.rounds, refine.sampling, reward, refine.keep_best
         )
         counts = stats.model_dump(
-            include={"prompts", "engine_calls", "reward_calls", "kept_previous", "generated_chars"}
+            include={"prompts", "reward_calls", "kept_previous", *ENGINE_TOTALS}
         )
         values: dict[str, list[float]] = {}
         for record in records:

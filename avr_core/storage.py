@@ -22,7 +22,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
@@ -35,6 +35,7 @@ from avr_core.layout import (
     CHECKPOINTS,
     MANIFEST_NAME,
     RECORDS,
+    REPORTS,
     RUNS,
     RunLayout,
     StepRef,
@@ -63,8 +64,10 @@ __all__ = [
     "StepStatus",
     "StorageError",
     "StorageUnreachableError",
+    "TOKEN_COUNTERS",
     "content_digest",
     "inputs_digest",
+    "token_totals",
 ]
 
 logger = logging.getLogger(__name__)
@@ -111,6 +114,11 @@ class Manifest(BaseModel):
     shards: list[ShardInfo]
     total_rows: int
     created_at: str
+    tokens: dict[str, int] = Field(
+        default_factory=dict,
+        description="the shards' engine token totals (prompt_tokens, completion_tokens); empty "
+        "for a step that calls no generator, or one sealed before tokens were counted",
+    )
 
     def shard(self, index: int) -> ShardInfo:
         """The listed shard `index` (KeyError if the manifest does not list it)."""
@@ -139,6 +147,9 @@ class StepStatus(BaseModel):
     )
     record_type: str | None = None
     fingerprint: str | None = None
+    tokens: dict[str, int] = Field(
+        default_factory=dict, description="a complete step's token totals (its manifest's)"
+    )
 
 
 class CommittedShard(NamedTuple):
@@ -177,6 +188,20 @@ def inputs_digest(source_shas: list[str]) -> str:
     re-derives nothing downstream, though its footer's timings differ.
     """
     return sha256_hex(json.dumps(source_shas).encode()) if source_shas else ""
+
+
+TOKEN_COUNTERS = ("prompt_tokens", "completion_tokens")
+
+
+def token_totals(shard_stats: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    """The token counters summed over shards' footer statistics; only counters some shard has."""
+    totals: dict[str, int] = {}
+    for stats in shard_stats:
+        counts = stats.get("counts") or {}
+        for name in TOKEN_COUNTERS:
+            if isinstance(counts.get(name), int):
+                totals[name] = totals.get(name, 0) + counts[name]
+    return totals
 
 
 def _record_class(record_type: type[ArrowRecord] | str) -> type[ArrowRecord]:
@@ -475,6 +500,7 @@ class DatasetStore:
             shards=ordered,
             total_rows=sum(info.rows for info in ordered),
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            tokens=token_totals(s.stats for s in by_index.values()),
         )
         self.files.write_bytes(
             RunLayout(run).manifest(ref), manifest.model_dump_json(indent=2).encode()
@@ -646,7 +672,7 @@ class DatasetStore:
         layout = RunLayout(run)
         statuses = []
         for stage in self.files.list_names(layout.directory, "directory"):
-            if stage.startswith(("_", ".")) or stage in (CHECKPOINTS, RECORDS):
+            if stage.startswith(("_", ".")) or stage in (CHECKPOINTS, RECORDS, REPORTS):
                 continue
             for step in self.files.list_names(f"{layout.directory}/{stage}", "directory"):
                 if step.startswith(("_", ".")):
@@ -662,6 +688,7 @@ class DatasetStore:
                             shards=len(manifest.shards),
                             record_type=manifest.record_type,
                             fingerprint=manifest.fingerprint,
+                            tokens=manifest.tokens,
                         )
                     )
                     continue

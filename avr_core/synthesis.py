@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel, Field
 
 from avr_core.config import TreeConfig
-from avr_core.engines.base import Generator, RewardModel
+from avr_core.engines.base import Generator, RewardModel, token_usage
 from avr_core.schemas import (
     Constraint,
     Conversation,
@@ -33,6 +33,7 @@ from avr_core.schemas import (
     Refinement,
     RefinementTree,
     Sampling,
+    TokenCount,
 )
 from avr_core.templates import (
     Templates,
@@ -42,9 +43,12 @@ from avr_core.templates import (
 )
 
 __all__ = [
+    "ENGINE_TOTALS",
     "CritiqueSlot",
     "SynthesisStats",
+    "add_token_usage",
     "chat_checked",
+    "copy_totals",
     "derive_seed",
     "generate_critiques",
     "generate_refinements",
@@ -53,6 +57,8 @@ __all__ = [
     "score_checked",
     "score_gains",
     "score_trees",
+    "slot_texts",
+    "token_counts",
 ]
 
 # Levels of one tree; each gets its own seed so e.g. critiques are not sampled with the answer's
@@ -72,6 +78,10 @@ class SynthesisStats(BaseModel):
     dropped_critiques: int = Field(0, description="critiques still unrated after all retries")
     engine_calls: int = 0
     generated_chars: int = Field(0, description="characters of all generated text, retries too")
+    prompt_tokens: int = Field(
+        0, description="tokens of the conversations sent, once per conversation and call"
+    )
+    completion_tokens: int = Field(0, description="tokens generated, retries too")
 
 
 def derive_seed(base_seed: int | None, level: str) -> int | None:
@@ -122,7 +132,39 @@ def chat_checked(
                 f"for conversation {i}, expected n={sampling.n}"
             )
         stats.generated_chars += sum(len(s) for s in samples)
+        add_token_usage(stats, samples)
     return outputs
+
+
+def add_token_usage(stats: SynthesisStats, samples: list[str]) -> None:
+    """Add one conversation's samples to the token totals: its prompt once (the n samples of a
+    request share it, and an API bills it once), every sample's completion. Samples from an
+    engine that reports no counts add nothing."""
+    usages = [usage for sample in samples if (usage := token_usage(sample)) is not None]
+    if usages:
+        stats.prompt_tokens += usages[0][0]
+        stats.completion_tokens += sum(completion for _, completion in usages)
+
+
+# The totals every engine-calling step reports, copied from its SynthesisStats into its own stats.
+ENGINE_TOTALS = ("engine_calls", "generated_chars", "prompt_tokens", "completion_tokens")
+
+
+def copy_totals(synthesis: SynthesisStats, stats: BaseModel) -> None:
+    """Copy the engine totals (`ENGINE_TOTALS`) of `synthesis` onto `stats`."""
+    for name in ENGINE_TOTALS:
+        setattr(stats, name, getattr(synthesis, name))
+
+
+def token_counts(texts: list[tuple[str, str | None]]) -> list[TokenCount]:
+    """The token counts of a record's generated texts, given as `(path in the record, text as
+    the engine returned it)`; texts without counts (or absent) are left out."""
+    counts = []
+    for path, text in texts:
+        usage = None if text is None else token_usage(text)
+        if usage is not None:
+            counts.append(TokenCount(text=path, prompt_tokens=usage[0], completion_tokens=usage[1]))
+    return counts
 
 
 def score_checked(
@@ -188,6 +230,7 @@ def generate_trees(
     )
     trees = []
     for i, (prompt, messages) in enumerate(zip(prompts, answered, strict=True)):
+        own = [slot for slot in slots if slot.tree_index == i]
         critiques = [
             Critique(
                 text=slot.text,
@@ -195,9 +238,9 @@ def generate_trees(
                 format_retries=slot.format_retries,
                 refinements=[Refinement(text=text) for text in slot.refinements],
             )
-            for slot in slots
-            if slot.tree_index == i
+            for slot in own
         ]
+        answer_path = f"messages[{len(messages) - 1}].content"
         trees.append(
             RefinementTree(
                 prompt_id=prompt.prompt_id,
@@ -205,11 +248,26 @@ def generate_trees(
                 critiques=critiques,
                 constraints=prompt.constraints,
                 lineage=tree_lineage,
+                token_counts=token_counts(
+                    [(answer_path, answers[i][0]), *slot_texts(own, "critiques")]
+                ),
             )
         )
     stats.critiques = len(slots)
     stats.refinements = sum(len(slot.refinements) for slot in slots)
     return trees, stats
+
+
+def slot_texts(slots: list[CritiqueSlot], prefix: str) -> list[tuple[str, str | None]]:
+    """`(path, text)` of critique slots stored as `{prefix}[i]` Critiques, refinements included."""
+    texts: list[tuple[str, str | None]] = []
+    for c, slot in enumerate(slots):
+        texts.append((f"{prefix}[{c}].text", slot.text))
+        texts.extend(
+            (f"{prefix}[{c}].refinements[{r}].text", text)
+            for r, text in enumerate(slot.refinements)
+        )
+    return texts
 
 
 def generate_critiques(

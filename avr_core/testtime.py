@@ -31,7 +31,14 @@ from avr_core.schemas import (
     Sampling,
     ThoughtAnswer,
 )
-from avr_core.synthesis import SynthesisStats, chat_checked, level_sampling, score_checked
+from avr_core.synthesis import (
+    SynthesisStats,
+    chat_checked,
+    copy_totals,
+    level_sampling,
+    score_checked,
+    token_counts,
+)
 from avr_core.templates import (
     Templates,
     build_critique_messages,
@@ -55,6 +62,8 @@ class RefineStats(BaseModel):
     reward_calls: int = 0
     kept_previous: int = Field(0, description="keep_best rounds whose refinement did not win")
     generated_chars: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
 
 class ThinkStats(BaseModel):
@@ -63,6 +72,8 @@ class ThinkStats(BaseModel):
     format_failures: int = Field(0, description="prompts whose response never parsed")
     engine_calls: int = 0
     generated_chars: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
 
 def _assistant(text: str) -> Message:
@@ -93,6 +104,7 @@ def own_starting_answers(
             rounds=[AnswerRound(answer=samples[0])],
             constraints=p.constraints,
             lineage=lineage,
+            token_counts=token_counts([("rounds[0].answer", samples[0])]),
         )
         for p, samples in zip(prompts, outputs, strict=True)
     ]
@@ -136,6 +148,7 @@ def refine_answers(
         if not record.rounds:
             raise ValueError(f"record {i} ({record.prompt_id}): no starting answer (round 0)")
     history = [list(r.rounds) for r in starts]
+    counted = [list(r.token_counts) for r in starts]
     if reward is not None and starts:
         unscored = [i for i, h in enumerate(history) if h[0].score is None]
         if unscored:
@@ -175,7 +188,14 @@ def refine_answers(
         scores: list[float | None] = (
             _score(reward, starts, texts, stats) if reward is not None else [None] * len(texts)
         )
-        for h, critique, text, score in zip(history, critiques, texts, scores, strict=True):
+        for h, c, critique, text, score in zip(
+            history, counted, critiques, texts, scores, strict=True
+        ):
+            c.extend(
+                token_counts(
+                    [(f"rounds[{k}].critique", critique[0]), (f"rounds[{k}].refinement", text)]
+                )
+            )
             previous = h[-1]
             keep = (
                 keep_best
@@ -192,9 +212,11 @@ def refine_answers(
                     kept_previous=keep,
                 )
             )
-    stats.engine_calls = synthesis.engine_calls
-    stats.generated_chars = synthesis.generated_chars
-    records = [r.model_copy(update={"rounds": h}) for r, h in zip(starts, history, strict=True)]
+    copy_totals(synthesis, stats)
+    records = [
+        r.model_copy(update={"rounds": h, "token_counts": c})
+        for r, h, c in zip(starts, history, counted, strict=True)
+    ]
     return records, stats
 
 
@@ -238,8 +260,7 @@ def think(
             retries[i] += 1
             stats.format_retries += 1
     stats.format_failures = sum(final is None for final in finals)
-    stats.engine_calls = synthesis.engine_calls
-    stats.generated_chars = synthesis.generated_chars
+    copy_totals(synthesis, stats)
     record_lineage = lineage.model_copy(
         update={"generator": lineage.generator or generator.model_id, "sampling": sampling}
     )
@@ -253,6 +274,7 @@ def think(
             format_failure=final is None,
             constraints=p.constraints,
             lineage=record_lineage,
+            token_counts=token_counts([("response", response)]),
         )
         for p, response, final, retry in zip(prompts, responses, finals, retries, strict=True)
     ]

@@ -57,7 +57,9 @@ __all__ = [
     "TrainJob",
     "TrainingFailedError",
     "run_training_subprocess",
+    "tokens_seen",
     "train",
+    "trained_counts",
     "training_command",
 ]
 
@@ -299,6 +301,20 @@ def _trusted_completion(store: DatasetStore, job: TrainJob) -> dict[str, Any] | 
     return None
 
 
+def tokens_seen(log_history: list[dict[str, Any]]) -> int | None:
+    """Training tokens TRL counted (its `num_tokens` log: the non-padding tokens of every batch,
+    from this attempt's start, so a resumed run counts from its checkpoint); None if not logged."""
+    counts = [entry["num_tokens"] for entry in log_history if "num_tokens" in entry]
+    return int(counts[-1]) if counts else None
+
+
+def trained_counts(completion: dict[str, Any] | None) -> dict[str, int | None]:
+    """`global_step` and `tokens_seen` from a training step's completion record (None each when
+    the record predates them)."""
+    record = completion or {}
+    return {name: record.get(name) for name in ("global_step", "tokens_seen")}
+
+
 def train(job: TrainJob, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train (or resume) the job; returns the completion record (with `final_uri`).
 
@@ -350,6 +366,7 @@ def train(job: TrainJob, storage_options: dict[str, Any] | None = None) -> dict[
         "resumed_from_step": checkpoint_step(resume.name) if resume else None,
         "start_global_step": start_recorder.start_global_step,
         "global_step": trainer.state.global_step,
+        "tokens_seen": tokens_seen(trainer.state.log_history),
         "train_loss": result.training_loss,
         "completed_at": datetime.now(UTC).isoformat(),
     }

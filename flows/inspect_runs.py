@@ -27,10 +27,12 @@ from tasks.evaluate import EvaluationReport, format_report
 __all__ = [
     "RunOverview",
     "ShownStep",
+    "find_step",
     "open_store",
     "print_outputs",
     "print_runs",
     "print_show",
+    "run_tokens",
     "show_step",
     "summarize_run",
 ]
@@ -96,6 +98,22 @@ def _shards(step: StepStatus) -> str:
     return str(step.shards)
 
 
+def _tokens(tokens: dict[str, int]) -> str:
+    """`prompt / generated` engine tokens, or `-` for a step that counted none."""
+    if not tokens:
+        return "-"
+    return f"{tokens.get('prompt_tokens', 0):,} / {tokens.get('completion_tokens', 0):,}"
+
+
+def run_tokens(steps: list[StepStatus]) -> dict[str, int]:
+    """A run's token totals: the sum over its complete steps (partial ones have no manifest)."""
+    totals: dict[str, int] = {}
+    for step in steps:
+        for name, value in step.tokens.items():
+            totals[name] = totals.get(name, 0) + value
+    return totals
+
+
 def _step_line(step: StepStatus) -> str:
     rows = "-" if step.rows is None else step.rows
     return f"  {step.stage}/{step.step}: {step.status}, rows={rows}, shards={_shards(step)}"
@@ -104,13 +122,19 @@ def _step_line(step: StepStatus) -> str:
 def print_runs(store: DatasetStore) -> int:
     """Table of the runs under a root: one row per step with status and row count."""
     console = Console()
+    if not console.is_terminal:
+        # Piped or logged: no width to fit, and rich's default 80 columns would wrap every cell.
+        console = Console(width=160)
     runs = store.list_runs()
     if not runs:
         console.print(f"no runs under {store.root}")
         return 0
     table = Table(title=f"runs in {store.root}")
-    for column in ("run", "flow", "started", "step", "status", "rows", "shards"):
-        table.add_column(column, justify="right" if column in ("rows", "shards") else "left")
+    numeric = ("rows", "shards", "tokens in / out")
+    for column in ("run", "flow", "started", "step", "status", *numeric):
+        # Step names and numbers stay whole; a narrow terminal wraps the other columns.
+        whole = column in ("step", *numeric)
+        table.add_column(column, justify="right" if column in numeric else "left", no_wrap=whole)
     for run in runs:
         overview = summarize_run(store, run)
         for position, step in enumerate(overview.steps or [None]):
@@ -123,13 +147,17 @@ def print_runs(store: DatasetStore) -> int:
                 step.status if step else "empty",
                 "-" if step is None or step.rows is None else str(step.rows),
                 _shards(step) if step else "0",
+                _tokens(step.tokens) if step else "-",
             )
+        totals = run_tokens(overview.steps)
+        if totals:
+            table.add_row("", "", "", "all steps", "", "", "", _tokens(totals))
         table.add_section()
     console.print(table)
     return 0
 
 
-def _find_step(steps: list[StepStatus], wanted: str, run: str) -> StepStatus:
+def find_step(steps: list[StepStatus], wanted: str, run: str) -> StepStatus:
     """A step by `stage/step` or by a unique `step` name."""
     matches = [s for s in steps if f"{s.stage}/{s.step}" == wanted] or [
         s for s in steps if s.step == wanted
@@ -163,7 +191,7 @@ class ShownStep(BaseModel):
 
 def show_step(store: DatasetStore, run: str, wanted: str, rows: int, width: int) -> ShownStep:
     """A step's manifest, Arrow schema and first `rows` rows (strings cut to `width`)."""
-    status = _find_step(store.list_steps(run), wanted, run)
+    status = find_step(store.list_steps(run), wanted, run)
     ref = StepRef(status.stage, status.step)
     uri = store.uri(RunLayout(run).step(ref))
     manifest = store.read_manifest(run, ref.stage, ref.step)

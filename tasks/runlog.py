@@ -63,6 +63,8 @@ def publish_training_report(run: str, result: TrainResult, seconds: float) -> No
         ("base model", result.base_model),
         ("dataset", result.dataset_uri),
         ("rows", str(result.rows)),
+        ("optimizer steps", "-" if result.global_step is None else str(result.global_step)),
+        ("tokens trained on", "-" if result.tokens_seen is None else str(result.tokens_seen)),
         ("final model", result.final_uri),
         ("seconds", f"{seconds:.1f}"),
     ]

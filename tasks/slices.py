@@ -51,7 +51,7 @@ from avr_core.steps import (
     seal_step,
     slice_shards,
 )
-from avr_core.storage import CommittedShard
+from avr_core.storage import CommittedShard, token_totals
 from tasks.runlog import artifact_key, check_run_lease
 
 __all__ = [
@@ -291,6 +291,7 @@ def _progress(piece: _Slice, committed: Mapping[int, CommittedShard]) -> SlicePr
         done=len(done),
         rows=sum(shard.info.rows for shard in done),
         generated_chars=sum(c for c in chars if isinstance(c, int)) if any(chars) else None,
+        completion_tokens=token_totals(shard.stats for shard in done).get("completion_tokens"),
         workers=sorted(w for w in workers if isinstance(w, str)),
         flow_run=run.name if run is not None else None,
         state=_state(run) if run is not None else None,

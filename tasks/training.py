@@ -19,7 +19,7 @@ from avr_core.devices import visible_cuda_devices
 from avr_core.layout import RunLayout
 from avr_core.results import TrainResult
 from avr_core.steps import StepIO, require_manifest
-from avr_core.training import TrainJob, run_training_subprocess
+from avr_core.training import TrainJob, run_training_subprocess, trained_counts
 from tasks.engines import gpu_slot, open_store, quiet_progress_bars_off_terminal, settings
 from tasks.runlog import publish_training_report, record_step
 
@@ -100,6 +100,7 @@ def train_model_task(
         checkpoint_uri=store.uri(layout.checkpoints(train_step)),
         final_uri=final_uri,
         revision=model_revision(final_uri, config.storage_options),
+        **trained_counts(store.read_json(layout.complete_marker(train_step))),
     )
     logger.info("%s done in %.0fs: %s", train_step, seconds, final_uri)
     publish_training_report(run, result, seconds)

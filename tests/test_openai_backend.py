@@ -13,13 +13,14 @@ from pydantic import ValidationError
 
 from avr_core.config import ExecutionConfig, OpenAIModel, parse_model_spec
 from avr_core.engines import load_generator, load_reward_model
-from avr_core.engines.base import EngineError, Generator, RewardModel
+from avr_core.engines.base import EngineError, Generator, RewardModel, token_usage
 from avr_core.engines.openai_backend import (
     OpenAIGenerator,
     OpenAIRewardModel,
     RetryPolicy,
     build_chat_payload,
     server_root,
+    split_completion_tokens,
 )
 from avr_core.schemas import Conversation, Message, Sampling
 from avr_core.settings import AvrSettings
@@ -59,7 +60,9 @@ class FakeServer:
                 {"index": i, "message": {"role": "assistant", "content": f"{last}#{i}"}}
                 for i in reversed(range(body["n"]))
             ]
-            return 200, {"choices": choices}
+            # Usage as vLLM reports it: per request, the completion tokens of all choices.
+            usage = {"prompt_tokens": len(last.split()), "completion_tokens": 3 * body["n"]}
+            return 200, {"choices": choices, "usage": usage}
         if path == "/classify":
             return 200, {"data": [{"index": 0, "probs": [float(len(last))], "num_classes": 1}]}
         return 404, {"error": f"no route {path}"}
@@ -122,6 +125,24 @@ def test_chat_retries_503_then_succeeds_in_input_order(fake_server: FakeServer) 
     path, body = fake_server.requests[-1]
     assert path == "/v1/chat/completions"
     assert {body["n"], body["max_tokens"], body["seed"], body["model"]} == {3, 5, 7, "tiny"}
+
+
+def test_chat_carries_the_servers_token_usage(fake_server: FakeServer) -> None:
+    generator = OpenAIGenerator(_spec(fake_server.base_url), ExecutionConfig(), retry=FAST_RETRY)
+    (one,), (two, three) = generator.chat(
+        [_chat("three word prompt")], Sampling(n=1)
+    ) + generator.chat([_chat("hi")], Sampling(n=2))
+    generator.close()
+    assert token_usage(one) == (3, 3)  # one choice: the request's counts, exactly
+    # Two choices share the request's 6 completion tokens by their characters ("hi#0", "hi#1").
+    assert token_usage(two) == (1, 3) and token_usage(three) == (1, 3)
+
+
+def test_completion_tokens_split_over_choices_keeps_the_total() -> None:
+    assert split_completion_tokens(10, ["a", "bbb", "c"]) == [2, 6, 2]
+    assert sum(split_completion_tokens(7, ["ab", "abc", ""])) == 7
+    assert split_completion_tokens(4, ["", ""]) == [2, 2]
+    assert split_completion_tokens(5, ["only"]) == [5]
 
 
 def test_classify_retries_then_returns_raw_scores(fake_server: FakeServer) -> None:

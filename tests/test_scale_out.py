@@ -367,6 +367,7 @@ def test_slice_artifact_shows_each_slice() -> None:
                 done=3,
                 rows=24,
                 generated_chars=5120,
+                completion_tokens=1300,
                 workers=["gpu-0"],
                 flow_run="a",
                 state="COMPLETED",
@@ -378,8 +379,8 @@ def test_slice_artifact_shows_each_slice() -> None:
         ],
     )
     assert "2 slices, 4/6 shards" in text
-    assert "| 0 | 3/3 | 24 | 5120 | 61.2 | a | COMPLETED | gpu-0 |" in text
-    assert "| 1 | 1/3 | 8 | - | - | b | CRASHED | gpu-1 |" in text
+    assert "| 0 | 3/3 | 24 | 5120 | 1300 | 61.2 | a | COMPLETED | gpu-0 |" in text
+    assert "| 1 | 1/3 | 8 | - | - | - | b | CRASHED | gpu-1 |" in text
 
 
 # ---- GPU binding, `avr workers`, `avr runs` ---------------------------------------------------

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import httpx
 
 from avr_core.config import ExecutionConfig, OpenAIModel
-from avr_core.engines.base import EngineError, messages_as_dicts
+from avr_core.engines.base import Completion, EngineError, messages_as_dicts
 from avr_core.schemas import Constraint, Conversation, Message, Sampling
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "build_chat_payload",
     "build_classify_payload",
     "parse_chat_choices",
+    "split_completion_tokens",
     "parse_classify_scores",
     "server_root",
 ]
@@ -93,7 +94,29 @@ def parse_chat_choices(body: Any, n: int, where: str) -> list[str]:
         message = choice.get("message") or {}
         # A null content means the model produced nothing usable; keep the row, text is empty.
         texts.append(message.get("content") or "")
-    return texts
+    usage = body.get("usage")
+    if not isinstance(usage, dict):
+        return texts  # a server that reports no usage: tokens unknown
+    prompt_tokens = int(usage.get("prompt_tokens") or 0)
+    completions = split_completion_tokens(int(usage.get("completion_tokens") or 0), texts)
+    return [
+        Completion(text, prompt_tokens, tokens)
+        for text, tokens in zip(texts, completions, strict=True)
+    ]
+
+
+def split_completion_tokens(total: int, texts: Sequence[str]) -> list[int]:
+    """A request's completion tokens over its `n` choices. The API reports one total per request,
+    so with n > 1 each choice gets a share proportional to its characters (the sum stays exact;
+    one choice, the common case, gets the exact count)."""
+    chars = [len(text) for text in texts]
+    if not texts:
+        return []
+    if sum(chars) == 0:
+        chars = [1] * len(texts)
+    shares = [total * c // sum(chars) for c in chars]
+    shares[-1] += total - sum(shares)
+    return shares
 
 
 def build_classify_payload(model: str, conversation: Sequence[Message]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from avr_core.config import ExecutionConfig, TransformersModel
-from avr_core.engines.base import EngineError, messages_as_dicts
+from avr_core.engines.base import Completion, EngineError, messages_as_dicts
 from avr_core.models import resolve_model_dir
 from avr_core.schemas import Constraint, Conversation, Sampling
 
@@ -252,10 +252,15 @@ class TransformersGenerator(_LocalEngine):
                 torch.manual_seed(sampling.seed + start)
             output = self.model.generate(**inputs, **options)
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
-        texts = [
-            t.strip() for t in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        ]
         per_prompt = 1 if greedy else sampling.n
+        prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
+        generated = generated_lengths(new_tokens.tolist(), self._stop_token_ids())
+        texts: list[str] = [
+            Completion(text.strip(), prompt_tokens[row // per_prompt], generated[row])
+            for row, text in enumerate(
+                self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            )
+        ]
         grouped = [texts[i * per_prompt : (i + 1) * per_prompt] for i in range(len(batch))]
         if greedy:
             grouped = [group * sampling.n for group in grouped]
@@ -263,6 +268,23 @@ class TransformersGenerator(_LocalEngine):
 
     def _rng_devices(self) -> list[int]:
         return [self.device.index or 0] if self.device.type == "cuda" else []
+
+    def _stop_token_ids(self) -> frozenset[int]:
+        """The ids that end a generation (the generation config's EOS, one id or several)."""
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        return frozenset([eos] if isinstance(eos, int) else (eos or []))
+
+
+def generated_lengths(rows: Sequence[Sequence[int]], stop_ids: frozenset[int]) -> list[int]:
+    """Tokens each row of a padded `generate` output really generated: up to and including its
+    first stop token (what follows is padding; the pad id may equal EOS), else the whole row."""
+    lengths = []
+    for row in rows:
+        stop = next((i for i, token in enumerate(row) if token in stop_ids), None)
+        lengths.append(len(row) if stop is None else stop + 1)
+    return lengths
 
 
 class TransformersRewardModel(_LocalEngine):

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from avr_core.config import ExecutionConfig, VLLMModel
-from avr_core.engines.base import EngineError, messages_as_dicts
+from avr_core.engines.base import Completion, EngineError, messages_as_dicts
 from avr_core.models import resolve_model_dir
 from avr_core.schemas import Constraint, Conversation, Sampling
 
@@ -407,7 +407,13 @@ class VLLMGenerator:
                 use_tqdm=False,
             ),
         )
-        return [[c.text for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs]
+        return [
+            [
+                Completion(c.text, len(out.prompt_token_ids or ()), len(c.token_ids))
+                for c in sorted(out.outputs, key=lambda c: c.index)
+            ]
+            for out in outputs
+        ]
 
     def close(self) -> None:
         """Stop the engine and free its memory; the generator is unusable afterwards."""
