@@ -16,8 +16,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from prefect import get_run_logger
+from prefect.runtime import flow_run
 from tqdm.auto import tqdm
 
+from avr_core.cards import SealedBy, write_step_card
 from avr_core.config import ExecutionConfig, ModelSpec
 from avr_core.layout import RunLayout
 from avr_core.results import StepResult
@@ -32,7 +34,7 @@ from avr_core.steps import (
     slice_result,
 )
 from tasks.engines import LazyEngine, gpu_slot, settings, uses_local_gpu
-from tasks.runlog import check_run_lease, publish_step_report, record_step
+from tasks.runlog import check_run_lease, code_version, publish_step_report, record_step
 from tasks.slices import fans_out, run_slices
 
 __all__ = ["execute_plan"]
@@ -84,6 +86,11 @@ def execute_plan(
         ):
             result = run_step(plan, compute, progress, extra_counts, settings().worker_id)
     result = _with_load_seconds(result, held)
+    # Sealed (here or by the slices' parent): its dataset card, README.md beside the shards.
+    # Never raises; the flow run is looked up inside its guard.
+    write_step_card(
+        plan, result, lambda: SealedBy(flow_run.flow_name, flow_run.parameters, code_version())
+    )
     publish_step_report(plan.run, result)
     record_step(plan.store, plan.run, plan.target, time.perf_counter() - started, result)
     return result
