@@ -4,6 +4,10 @@
     avr run FLOW --config FILE [--set k=v]...  any flow, config file + dotted overrides
     avr runs [--root URI]                      runs in a storage root, per-step status and rows
     avr show RUN [STEP] [--root URI]           run.json, or a step's manifest, schema, sample rows
+    avr plan FLOW --config FILE [--set k=v]... what a run will cost: engine calls, tokens, time
+    avr report RUN [--root URI] [--out PATH]   one HTML page of a run (+ a Prefect artifact)
+    avr export RUN STEP --format F --out URI   a sealed step as trl, llamafactory, openrlhf,
+                                               sharegpt, jsonl or alpaca-eval data
     avr ui [--port N]                          a local Prefect server + workers on cpu and gpu
     avr workers --gpus N [--pool gpu]          print the commands for one worker per GPU
     avr render-deployments [--check]           write deployments/prefect.yaml from the configs
@@ -54,6 +58,7 @@ from flows.config_files import (
     load_config,
 )
 from flows.deployments import FLOWS, PARAM_NAME, get_flow, render_deployments
+from flows.export import add_export_arguments, run_export
 from flows.inspect_runs import open_store, print_outputs, print_runs, print_show
 from flows.local_prefect import (
     Terminated,
@@ -62,6 +67,7 @@ from flows.local_prefect import (
     temporary_api,
     worker_commands,
 )
+from flows.report import add_report_arguments, run_report
 
 __all__ = ["main", "run_demo", "run_flow"]
 
@@ -124,6 +130,14 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--rows", type=int, default=3, help="sample rows to print")
     show.add_argument("--width", type=int, default=300, help="cut strings longer than this")
 
+    report = sub.add_parser("report", help="write a run's HTML report (and its Prefect artifact)")
+    add_report_arguments(report)
+
+    export = sub.add_parser(
+        "export", help="write a sealed step in a trainer's or evaluator's dataset format"
+    )
+    add_export_arguments(export)
+
     ui = sub.add_parser("ui", help="start a local Prefect server and workers, print the URL")
     ui.add_argument("--port", type=int, default=4200, help="server port (default: 4200)")
     ui.add_argument("--home", help="PREFECT_HOME for the server state (default: ~/.prefect)")
@@ -173,6 +187,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "show":
         store = open_store(args.root, _settings())
         return print_show(store, args.run, args.step, args.rows, args.width)
+    if args.command == "report":
+        return run_report(args, _settings())
+    if args.command == "export":
+        return run_export(args, _settings())
     if args.command == "ui":
         return run_ui(args.port, args.home, not args.no_deploy)
     if args.command == "workers":
