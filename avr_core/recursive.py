@@ -84,6 +84,7 @@ class SearchStats(BaseModel):
     generated_chars: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    generated_texts: int = 0
     rounds: Counter[int] = Field(
         default_factory=Counter, description="rounds run -> how many prompts ran that many"
     )
@@ -334,6 +335,7 @@ class LongResponseStats(BaseModel):
     generated_chars: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    generated_texts: int = 0
     scored: int = Field(0, description="final answers scored")
 
 

@@ -75,6 +75,7 @@ COUNT_LABELS: dict[str, str] = {
     "kept_previous": "rounds that kept the previous answer (keep_best)",
     "format_failures": "format failures (final answer never parsed)",
     "generated_chars": "generated characters",
+    "generated_texts": "generated texts (retries too)",
     "prompt_tokens": "prompt tokens (per conversation and call)",
     "completion_tokens": "generated tokens",
     "engine_calls": "engine calls",

@@ -82,6 +82,7 @@ class SynthesisStats(BaseModel):
         0, description="tokens of the conversations sent, once per conversation and call"
     )
     completion_tokens: int = Field(0, description="tokens generated, retries too")
+    generated_texts: int = Field(0, description="samples generated, retries too")
 
 
 def derive_seed(base_seed: int | None, level: str) -> int | None:
@@ -132,6 +133,7 @@ def chat_checked(
                 f"for conversation {i}, expected n={sampling.n}"
             )
         stats.generated_chars += sum(len(s) for s in samples)
+        stats.generated_texts += len(samples)
         add_token_usage(stats, samples)
     return outputs
 
@@ -147,7 +149,13 @@ def add_token_usage(stats: SynthesisStats, samples: list[str]) -> None:
 
 
 # The totals every engine-calling step reports, copied from its SynthesisStats into its own stats.
-ENGINE_TOTALS = ("engine_calls", "generated_chars", "prompt_tokens", "completion_tokens")
+ENGINE_TOTALS = (
+    "engine_calls",
+    "generated_chars",
+    "generated_texts",
+    "prompt_tokens",
+    "completion_tokens",
+)
 
 
 def copy_totals(synthesis: SynthesisStats, stats: BaseModel) -> None:

@@ -64,6 +64,7 @@ class RefineStats(BaseModel):
     generated_chars: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    generated_texts: int = 0
 
 
 class ThinkStats(BaseModel):
@@ -74,6 +75,7 @@ class ThinkStats(BaseModel):
     generated_chars: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    generated_texts: int = 0
 
 
 def _assistant(text: str) -> Message:

@@ -11,6 +11,7 @@ from prefect import flow
 from avr_core.reporting import format_run_summary
 from avr_core.results import RunSummary
 from flows.params import AvrParams
+from flows.plan import log_estimate
 from flows.stage1 import publish_summary, run_stage1
 from flows.stage2 import run_stage2
 from tasks.runlog import hold_run, start_run_task
@@ -24,6 +25,7 @@ def avr(params: AvrParams | None = None) -> RunSummary:
     p = params or AvrParams()
     with hold_run(p.storage_root, p.run_name, "avr"):
         run_record_uri = start_run_task(p.storage_root, p.run_name, "avr", p)
+        log_estimate("avr", p)
         stage1_steps, stage1_models = run_stage1(p)
         stage1_dpo = stage1_models[-1]
         stage1_model = p.policy.model_copy(update={"path": stage1_dpo.final_uri})

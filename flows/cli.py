@@ -4,7 +4,7 @@
     avr run FLOW --config FILE [--set k=v]...  any flow, config file + dotted overrides
     avr runs [--root URI]                      runs in a storage root, per-step status and rows
     avr show RUN [STEP] [--root URI]           run.json, or a step's manifest, schema, sample rows
-    avr plan FLOW --config FILE [--set k=v]... what a run will cost: engine calls, tokens, time
+    avr plan FLOW --config FILE [--preview N]  what a run will generate and take; N prompts first
     avr report RUN [--root URI] [--out PATH]   one HTML page of a run (+ a Prefect artifact)
     avr export RUN STEP --format F --out URI   a sealed step as trl, llamafactory, openrlhf,
                                                sharegpt, jsonl or alpaca-eval data
@@ -67,6 +67,7 @@ from flows.local_prefect import (
     temporary_api,
     worker_commands,
 )
+from flows.preview import add_plan_arguments, run_plan
 from flows.report import add_report_arguments, run_report
 
 __all__ = ["main", "run_demo", "run_flow"]
@@ -130,6 +131,11 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--rows", type=int, default=3, help="sample rows to print")
     show.add_argument("--width", type=int, default=300, help="cut strings longer than this")
 
+    plan = sub.add_parser(
+        "plan", help="estimate a run (engine calls, tokens, time); --preview N runs N prompts"
+    )
+    add_plan_arguments(plan, set_help)
+
     report = sub.add_parser("report", help="write a run's HTML report (and its Prefect artifact)")
     add_report_arguments(report)
 
@@ -187,6 +193,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "show":
         store = open_store(args.root, _settings())
         return print_show(store, args.run, args.step, args.rows, args.width)
+    if args.command == "plan":
+        return run_plan(args, _settings())
     if args.command == "report":
         return run_report(args, _settings())
     if args.command == "export":

@@ -16,6 +16,7 @@ from avr_core.reporting import format_run_summary, render_run_markdown
 from avr_core.results import RunSummary, StepResult, TrainResult
 from avr_core.steps import Stage1Steps as S
 from flows.params import RunParams, Stage1Params
+from flows.plan import log_estimate
 from tasks.datasets import build_pairs_task, select_rsft_task
 from tasks.prompts import ingest_prompts_task
 from tasks.runlog import artifact_key, hold_run, start_run_task
@@ -81,6 +82,7 @@ def stage1(params: Stage1Params | None = None) -> RunSummary:
     p = params or Stage1Params()
     with hold_run(p.storage_root, p.run_name, "stage1"):
         run_record_uri = start_run_task(p.storage_root, p.run_name, "stage1", p)
+        log_estimate("stage1", p)
         steps, models = run_stage1(p)
         return publish_summary("stage1", p, run_record_uri, steps, models)
 

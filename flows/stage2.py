@@ -17,6 +17,7 @@ from avr_core.results import RunSummary, StepResult, TrainResult
 from avr_core.steps import Stage1Steps
 from avr_core.steps import Stage2Steps as S
 from flows.params import Stage1DataParams, Stage2Params, Stage2Sections
+from flows.plan import log_estimate
 from flows.stage1 import publish_summary
 from tasks.prompts import ingest_prompts_task
 from tasks.runlog import hold_run, start_run_task
@@ -78,6 +79,7 @@ def stage2(params: Stage2Params | None = None) -> RunSummary:
     p = params or Stage2Params()
     with hold_run(p.storage_root, p.run_name, "stage2"):
         run_record_uri = start_run_task(p.storage_root, p.run_name, "stage2", p)
+        log_estimate("stage2", p)
         prompts = ingest_prompts_task(p.step_io(PROMPTS), p.ingest, p.policy, p.search.tree())
         steps, models = run_stage2(p, p, p.policy)
         return publish_summary("stage2", p, run_record_uri, [prompts, *steps], models)

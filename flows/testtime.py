@@ -14,6 +14,7 @@ from avr_core.reporting import format_run_summary
 from avr_core.results import RunSummary
 from avr_core.steps import Stage1Steps
 from flows.params import RefineParams, ThinkParams
+from flows.plan import log_estimate
 from flows.stage1 import publish_summary
 from tasks.prompts import ingest_prompts_task
 from tasks.runlog import hold_run, start_run_task
@@ -30,6 +31,7 @@ def refine(params: RefineParams | None = None) -> RunSummary:
     p = params or RefineParams()
     with hold_run(p.storage_root, p.run_name, "refine"):
         run_record_uri = start_run_task(p.storage_root, p.run_name, "refine", p)
+        log_estimate("refine", p)
         steps = []
         if p.refine.answers is not None:
             start = import_answers_task(p.step_io(p.start_step), p.refine)
@@ -54,6 +56,7 @@ def think(params: ThinkParams | None = None) -> RunSummary:
     p = params or ThinkParams()
     with hold_run(p.storage_root, p.run_name, "think"):
         run_record_uri = start_run_task(p.storage_root, p.run_name, "think", p)
+        log_estimate("think", p)
         prompts = ingest_prompts_task(p.step_io(PROMPTS), p.ingest, p.policy)
         thought = think_task(p.step_io(p.step, PROMPTS), p.policy, p.think, p.execution)
         return publish_summary("think", p, run_record_uri, [prompts, thought], [])

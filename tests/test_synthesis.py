@@ -76,6 +76,7 @@ def test_one_engine_call_per_level_with_derived_seeds():
         refinements=18,
         engine_calls=3,
         generated_chars=answers + critiques + refinements,
+        generated_texts=3 + 6 + 18,
     )
     assert stats.generated_chars == generator.generated_chars
     tree = trees[1]

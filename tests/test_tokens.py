@@ -305,3 +305,16 @@ def test_transformers_counts_match_a_retokenisation(tiny_generator: Transformers
             totals.append((completion_tokens, again))
     generated, retokenised = (sum(column) for column in zip(*totals, strict=True))
     assert abs(generated - retokenised) <= 0.05 * generated
+
+
+def test_training_records_its_steps_and_the_tokens_trl_counted() -> None:
+    from avr_core.training import tokens_seen, trained_counts
+
+    history = [{"loss": 1.2, "num_tokens": 561.0}, {"loss": 0.9, "num_tokens": 1122.0}, {"x": 1}]
+    assert tokens_seen(history) == 1122
+    assert tokens_seen([{"loss": 1.0}]) is None
+    assert trained_counts({"global_step": 12, "tokens_seen": 1122}) == {
+        "global_step": 12,
+        "tokens_seen": 1122,
+    }
+    assert trained_counts(None) == {"global_step": None, "tokens_seen": None}

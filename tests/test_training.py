@@ -267,6 +267,7 @@ def test_sft_changes_weights_and_rerun_is_idempotent(store_root, tmp_path):
     assert not torch.equal(before, after)
     marker = _complete_marker(final_uri)
     assert marker["global_step"] == 2
+    assert marker["tokens_seen"] > 0  # TRL's count of the non-padding tokens trained on
     assert marker["rows"] == len(_TOPICS)
     assert marker["resumed_from_step"] is None
     checkpoints = _local(final_uri).parent
@@ -315,7 +316,8 @@ def test_dpo_changes_weights(store_root, tmp_path):
 
     assert final_uri.endswith("/checkpoints/stage1_dpo/final")
     assert not torch.equal(before, _probe(_local(final_uri)))
-    assert _complete_marker(final_uri)["global_step"] == 2
+    marker = _complete_marker(final_uri)
+    assert marker["global_step"] == 2 and marker["tokens_seen"] > 0
 
 
 @pytest.mark.slow
