@@ -28,7 +28,6 @@ import asyncio
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -42,13 +41,13 @@ from avr_core.reporting import text_table
 from avr_core.schemas import PromptRecord
 from avr_core.steps import ShardOutput, Stage1Steps, plan_step, run_step, split_into_shards
 from avr_core.storage import DatasetStore
-from flows.config_files import PROJECT_DIR, TINY_CONFIG
+from flows.config_files import PROJECT_DIR
 from flows.deployments import GPU_POOL, PREFECT_YAML
 from flows.local_prefect import LocalPrefect, ensure_pool, start_local_prefect
+from tests.commands import ONE_THREAD, SLICE_DEPLOYMENT, generate_trees_command
 
 TREES = Stage1Steps.SEED_TREES
-SLICES = f"step-slice/{GPU_POOL}"
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+SLICES = SLICE_DEPLOYMENT
 
 
 def _ingest(store: DatasetStore, run: str, count: int) -> None:
@@ -63,18 +62,7 @@ def _ingest(store: DatasetStore, run: str, count: int) -> None:
 
 def _generate(local: LocalPrefect, root: Path, run: str, workers: int, max_tokens: int) -> None:
     """`avr run generate-trees` against the server; fails with its output if it fails."""
-    command = [sys.executable, "-m", "flows.cli", "run", "generate-trees"]
-    command += ["--config", str(TINY_CONFIG)]
-    for key, value in {
-        "run_name": run,
-        "storage_root": str(root),
-        "tree.x": 1,
-        "tree.y": 1,
-        "tree.sampling.max_tokens": max_tokens,
-        "execution.workers": workers,
-        "execution.slice_deployment": SLICES,
-    }.items():
-        command += ["--set", f"{key}={value}"]
+    command = generate_trees_command(root, run, workers, max_tokens)
     done = subprocess.run(
         command,
         cwd=PROJECT_DIR,

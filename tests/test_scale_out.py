@@ -23,7 +23,6 @@ import shlex
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import typing
@@ -79,7 +78,7 @@ from avr_core.steps import (
 )
 from avr_core.storage import DatasetStore
 from flows import cli
-from flows.config_files import PROJECT_DIR, TINY_CONFIG
+from flows.config_files import PROJECT_DIR
 from flows.deployments import GPU_POOL, PREFECT_YAML
 from flows.local_prefect import LocalPrefect, ensure_pool, start_local_prefect, worker_commands
 from flows.slices import SLICE_TASKS, step_slice
@@ -93,6 +92,7 @@ from tasks.slices import (
     task_parameters_from_json,
     task_parameters_to_json,
 )
+from tests.commands import ONE_THREAD, SLICE_DEPLOYMENT, generate_trees_command
 from tests.crashes import flow_run_processes
 
 RUN = "scale-test"
@@ -427,10 +427,8 @@ def test_runs_shows_a_partial_step_as_k_of_n_shards(
 # ---- slow: a real Prefect server, a process work pool, two workers ---------------------------
 
 DEMO_PROMPTS = PROJECT_DIR / "avr_core" / "data" / "demo_prompts.jsonl"
-SLICES = f"step-slice/{GPU_POOL}"
+SLICES = SLICE_DEPLOYMENT
 TREES = Stage1Steps.SEED_TREES
-# One torch thread per process: two workers on a 2-core machine must not fight over the cores.
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -507,19 +505,7 @@ def _ingest(root: Path, run: str, count: int) -> list[str]:
 
 def _generate(local: LocalPrefect, root: Path, run: str, workers: int, max_tokens: int) -> Any:
     """`avr run generate-trees` against the server, as a user types it; its output in a log."""
-    overrides = {
-        "run_name": run,
-        "storage_root": str(root),
-        "tree.x": 1,
-        "tree.y": 1,
-        "tree.sampling.max_tokens": max_tokens,
-        "execution.workers": workers,
-        "execution.slice_deployment": SLICES,
-    }
-    command = [sys.executable, "-m", "flows.cli", "run", "generate-trees"]
-    command += ["--config", str(TINY_CONFIG)]
-    for key, value in overrides.items():
-        command += ["--set", f"{key}={value}"]
+    command = generate_trees_command(root, run, workers, max_tokens)
     log = (root.parent / f"{run}.log").open("wb")
     return subprocess.Popen(
         command,
