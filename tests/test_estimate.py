@@ -158,15 +158,15 @@ def test_preview_calibrates_a_bigger_run_within_20_percent(prefect_harness, tmp_
     sets = [f"storage_root={root}", "tree.sampling.max_tokens=40", "tree.x=1", "tree.y=2"]
     small = build_params(Stage1Params, config, [*sets, "run_name=small"])
     settings = AvrSettings()
-    steps = preview(small, 2, settings)
+    steps = preview(small, 4, settings)
     assert steps[:2] == ["inputs/prompts", "stage1/seed_trees"]
 
-    big = build_params(Stage1Params, config, [*sets, "run_name=big", "ingest.max_prompts=6"])
+    big = build_params(Stage1Params, config, [*sets, "run_name=big", "ingest.max_prompts=8"])
     estimate = plan_flow("stage1", big, settings, calibrate_from="small-preview")
     seed = next(s for s in estimate.steps if s.step == "stage1/seed_trees")
-    assert seed.calibration is not None and seed.calibration.prompts == 2
+    assert seed.calibration is not None and seed.calibration.prompts == 4
 
-    preview(big, 6, settings)  # the "run": the same step over 6 prompts, measured
+    preview(big, 8, settings)  # the "run": the same step over 8 prompts, measured
     store = DatasetStore(root)
     manifest = store.read_manifest("big-preview", "stage1", "seed_trees")
     assert manifest is not None
