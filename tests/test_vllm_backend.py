@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import math
 import os
+import queue
+import threading
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -18,6 +22,7 @@ from avr_core.engines.vllm_backend import (
     checkpoint_dtype,
     compact_cpu_list,
     cpu_engine_settings,
+    unblock_on_death,
 )
 from avr_core.models import TINY_MODEL, TINY_REWARD_MODEL, resolve_model_dir
 from avr_core.schemas import Conversation, Message, Sampling
@@ -75,6 +80,35 @@ def test_bind_cpu_threads_hands_the_binding_to_vllm(monkeypatch: pytest.MonkeyPa
 def _model_dir(tmp_path: Path, dtype: str) -> Path:
     (tmp_path / "config.json").write_text(f'{{"dtype": "{dtype}"}}')
     return tmp_path
+
+
+def _client_waiting_on_outputs() -> SimpleNamespace:
+    """The parts of vLLM's multiprocess client the watchdog reads: its dead flag and the queue a
+    call blocks on."""
+    client = SimpleNamespace(
+        resources=SimpleNamespace(engine_dead=False), outputs_queue=queue.Queue()
+    )
+    return SimpleNamespace(llm_engine=SimpleNamespace(engine_core=client))
+
+
+def test_a_call_blocked_on_a_dead_engine_is_woken() -> None:
+    llm = _client_waiting_on_outputs()
+    client = llm.llm_engine.engine_core
+    # The engine dies after the request was sent: vLLM marks the client dead and the call waits.
+    threading.Timer(0.2, lambda: setattr(client.resources, "engine_dead", True)).start()
+    started = time.monotonic()
+    with unblock_on_death(llm, poll_s=0.05):
+        woken = client.outputs_queue.get(timeout=30)
+    assert "died" in str(woken) and time.monotonic() - started < 5
+
+
+def test_a_live_engine_gets_nothing_in_its_queue() -> None:
+    llm = _client_waiting_on_outputs()
+    with unblock_on_death(llm, poll_s=0.01):
+        time.sleep(0.1)
+    assert llm.llm_engine.engine_core.outputs_queue.empty()
+    with unblock_on_death(object()):  # no such internals (another release): left alone
+        pass
 
 
 def test_reward_models_keep_checkpoint_precision(tmp_path: Path) -> None:
@@ -260,3 +294,30 @@ def test_dead_engine_fails_the_call_and_is_restarted(vllm_generator) -> None:
         vllm_generator.chat(CONVERSATIONS, sampling)
     # The next call (the worker's next shard) gets a fresh engine, and the seed still holds.
     assert vllm_generator.chat(CONVERSATIONS, sampling) == before
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_engine_killed_under_a_request_fails_the_call_instead_of_hanging(vllm_generator) -> None:
+    # Sent first, killed while generating: vLLM's client then waits on its output queue forever
+    # unless something wakes it (avr_core.engines.vllm_backend.unblock_on_death).
+    result: dict[str, BaseException | object] = {}
+
+    def generate() -> None:
+        try:
+            result["out"] = vllm_generator.chat(CONVERSATIONS, Sampling(n=4, max_tokens=2048))
+        except BaseException as err:  # noqa: BLE001 - handed to the test thread
+            result["error"] = err
+
+    call = threading.Thread(target=generate, daemon=True)
+    call.start()
+    time.sleep(3)  # the request is in the engine
+    for process in engine_core_processes(vllm_generator):
+        process.kill()
+    call.join(timeout=120)
+    assert not call.is_alive(), "the call hung on a dead engine"
+    if "out" in result:
+        pytest.skip("the generation finished before the kill: nothing to wake")
+    assert isinstance(result["error"], EngineError)
+    assert "died during generation" in str(result["error"])
+    assert vllm_generator.chat(CONVERSATIONS, Sampling(max_tokens=4))  # a fresh engine serves

@@ -25,11 +25,13 @@ process through `VLLM_CPU_OMP_THREADS_BIND`, which is the only way vLLM takes it
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -299,6 +301,49 @@ def _engine_died(llm: Any, err: BaseException) -> bool:
     return any(type(link).__name__ == "EngineDeadError" for link in chain)
 
 
+class EngineDiedWhileWaiting(RuntimeError):
+    """Put into a blocked vLLM client's output queue when its engine died under a request."""
+
+
+# How often a call in flight checks whether vLLM marked its engine dead.
+DEATH_POLL_S = 0.5
+
+
+@contextlib.contextmanager
+def unblock_on_death(llm: Any, poll_s: float = DEATH_POLL_S) -> Iterator[None]:
+    """While the body runs, wake a call blocked on a dead engine.
+
+    vLLM's multiprocess client waits on its output queue without a timeout. When the engine core
+    dies after a request was sent, its monitor thread marks the client dead and stops the thread
+    that fills that queue without putting an error in it: the call then waits forever (seen in
+    CI: a killed engine core, then a hang until the test's 900 s timeout). This watchdog puts an
+    error in the queue once the client is marked dead, so the call fails and `_Engine.run`
+    restarts the engine. A client without these internals (another vLLM release, the in-process
+    engine) is left alone.
+    """
+    client = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    resources = getattr(client, "resources", None)
+    queue = getattr(client, "outputs_queue", None)
+    if resources is None or queue is None or not hasattr(resources, "engine_dead"):
+        yield
+        return
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(poll_s):
+            if resources.engine_dead:
+                queue.put_nowait(EngineDiedWhileWaiting("the vLLM engine core died"))
+                return
+
+    watcher = threading.Thread(target=watch, name="avr-vllm-death-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
+
+
 class _Engine:
     """One `vllm.LLM`, started now and started again on the first call after it died.
 
@@ -349,7 +394,8 @@ class _Engine:
         """`call(llm)`, with every failure raised as an `EngineError` that names the model."""
         llm = self.llm
         try:
-            return call(llm)
+            with unblock_on_death(llm):
+                return call(llm)
         except Exception as err:  # vLLM raises ValueError, RuntimeError, its own errors...
             if not _engine_died(llm, err):
                 raise EngineError(f"{self.model_id}: {what} failed: {err}") from err
