@@ -29,6 +29,7 @@ from avr_core.schemas import Judgement
 __all__ = [
     "DEFAULT_RESAMPLES",
     "Estimate",
+    "format_estimate_ci",
     "Judgement",
     "SystemSummary",
     "alpaca_eval_rows",
@@ -54,6 +55,13 @@ class Estimate(BaseModel):
     ci_high: float
     n: int = Field(description="prompts it was computed over")
     confidence: float = 0.95
+
+
+def format_estimate_ci(estimate: Estimate | None) -> str:
+    """`value [ci_low, ci_high]` to one decimal, or `-` when there is no estimate (a table cell)."""
+    if estimate is None:
+        return "-"
+    return f"{estimate.value:.1f} [{estimate.ci_low:.1f}, {estimate.ci_high:.1f}]"
 
 
 Statistic = Callable[[np.ndarray], float]

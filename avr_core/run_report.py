@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from avr_core.evaluation import Estimate, SystemSummary, mean_estimate
+from avr_core.evaluation import Estimate, SystemSummary, format_estimate_ci, mean_estimate
 from avr_core.plots import scaling_curve_png
 from avr_core.reporting import ShardStats, gain_summary, markdown_table, report_rows
 from avr_core.storage import TOKEN_COUNTERS
@@ -200,12 +200,6 @@ def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
-def _estimate(estimate: Estimate | None) -> str:
-    if estimate is None:
-        return "-"
-    return f"{estimate.value:.1f} [{estimate.ci_low:.1f}, {estimate.ci_high:.1f}]"
-
-
 def _details(step: StepReport) -> str:
     """The other counters, labelled as in the step artifacts (tokens have their own columns)."""
     counts = {k: v for k, v in step.counts.items() if k not in TOKEN_COUNTERS}
@@ -262,8 +256,8 @@ def _evaluation_rows(section: EvaluationSection) -> list[tuple[str, ...]]:
             s.system,
             s.judge,
             f"{s.judged}/{s.prompts}",
-            _estimate(s.win_rate),
-            _estimate(s.lc_win_rate),
+            format_estimate_ci(s.win_rate),
+            format_estimate_ci(s.lc_win_rate),
         )
         for s in section.summaries
     ]

@@ -40,7 +40,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 from pydantic import BaseModel
 
 from avr_core.config import SystemRef
-from avr_core.evaluation import Estimate, SystemSummary
+from avr_core.evaluation import SystemSummary, format_estimate_ci
 from avr_core.reporting import text_table
 from avr_core.results import RunSummary
 from avr_core.steps import Stage1Steps, Stage2Steps
@@ -109,12 +109,6 @@ def verdict(summary: SystemSummary) -> str:
     return "no difference detectable at this scale (CI contains 50%)"
 
 
-def _format(estimate: Estimate | None) -> str:
-    if estimate is None:
-        return "-"
-    return f"{estimate.value:.1f} [{estimate.ci_low:.1f}, {estimate.ci_high:.1f}]"
-
-
 def round_curve(refined: dict[str, RunSummary]) -> list[tuple[str, ...]]:
     """Rows `round, mean score of each model`: the test-time scaling curve on held-out prompts."""
     means = {
@@ -140,8 +134,8 @@ def print_results(report: EvaluationReport, refined: dict[str, RunSummary], phas
             s.system,
             s.judge.split(":")[0],
             f"{s.judged}/{s.prompts}",
-            _format(s.win_rate),
-            _format(s.lc_win_rate),
+            format_estimate_ci(s.win_rate),
+            format_estimate_ci(s.lc_win_rate),
             verdict(s),
         )
         for s in report.summaries

@@ -18,6 +18,7 @@ from avr_core.evaluation import (
     Estimate,
     SystemSummary,
     alpaca_eval_rows,
+    format_estimate_ci,
     mean_estimate,
     summarize_judgements,
 )
@@ -211,19 +212,15 @@ def _scaling_curves(rows: list[Judgement], resamples: int, seed: int) -> dict[st
     }
 
 
-def _estimate(e: Estimate | None) -> str:
-    return "-" if e is None else f"{e.value:.1f} [{e.ci_low:.1f}, {e.ci_high:.1f}]"
-
-
 def _report_rows(report: EvaluationReport) -> list[tuple[str, ...]]:
     return [
         (
             s.system,
             s.judge,
             f"{s.judged}/{s.prompts}",
-            _estimate(s.win_rate),
-            _estimate(s.lc_win_rate),
-            _estimate(s.mean_margin),
+            format_estimate_ci(s.win_rate),
+            format_estimate_ci(s.lc_win_rate),
+            format_estimate_ci(s.mean_margin),
             f"{s.candidate_chars.value:.0f} vs {s.baseline_chars.value:.0f}",
             "-" if s.position_consistency is None else f"{s.position_consistency:.0f}%",
         )
