@@ -36,7 +36,7 @@ from avr_core.rootfs import RootFS, StorageError
 from avr_core.settings import AvrSettings
 from avr_core.storage import DatasetStore, StepStatus
 from flows.config_files import ConfigError
-from flows.inspect_runs import find_step, open_store
+from flows.inspect_runs import find_step, open_store, require_run
 
 __all__ = [
     "ExportResult",
@@ -68,9 +68,7 @@ class ExportResult(BaseModel):
 
 def _sealed_step(store: DatasetStore, run: str, wanted: str) -> StepStatus:
     """The step `wanted` (`stage/step` or a unique step name) of `run`, which must be sealed."""
-    runs = store.list_runs()
-    if run not in runs:
-        raise ConfigError(f"no run {run!r} under {store.root}; runs: {', '.join(runs) or 'none'}")
+    require_run(store, run)
     status = find_step(store.list_steps(run), wanted, run)
     if status.status != "complete":
         uri = store.uri(RunLayout(run).step(StepRef(status.stage, status.step)))

@@ -32,6 +32,7 @@ __all__ = [
     "print_outputs",
     "print_runs",
     "print_show",
+    "require_run",
     "run_tokens",
     "show_step",
     "summarize_run",
@@ -213,12 +214,17 @@ def show_step(store: DatasetStore, run: str, wanted: str, rows: int, width: int)
     )
 
 
-def print_show(store: DatasetStore, run: str, step: str | None, rows: int, width: int) -> int:
-    """`avr show`: the run record and its steps, or one step's manifest, schema and rows."""
-    console = Console()
+def require_run(store: DatasetStore, run: str) -> None:
+    """A `ConfigError` naming the root and the runs it has, unless it has `run`."""
     runs = store.list_runs()
     if run not in runs:
         raise ConfigError(f"no run {run!r} under {store.root}; runs: {', '.join(runs) or 'none'}")
+
+
+def print_show(store: DatasetStore, run: str, step: str | None, rows: int, width: int) -> int:
+    """`avr show`: the run record and its steps, or one step's manifest, schema and rows."""
+    console = Console()
+    require_run(store, run)
     if step is None:
         overview = summarize_run(store, run)
         console.print(

@@ -37,7 +37,7 @@ from avr_core.run_report import (
 from avr_core.settings import AvrSettings
 from avr_core.storage import CommittedShard, DatasetStore, StepStatus
 from flows.config_files import ConfigError
-from flows.inspect_runs import open_store
+from flows.inspect_runs import open_store, require_run
 from flows.params import RunParams
 from tasks.engines import open_store as open_worker_store
 from tasks.runlog import artifact_key
@@ -52,12 +52,6 @@ __all__ = [
     "write_report_page",
     "write_run_report",
 ]
-
-
-def _require_run(store: DatasetStore, run: str) -> None:
-    runs = store.list_runs()
-    if run not in runs:
-        raise ConfigError(f"no run {run!r} under {store.root}; runs: {', '.join(runs) or 'none'}")
 
 
 def _planned_fingerprint(store: DatasetStore, layout: RunLayout, ref: StepRef) -> str | None:
@@ -139,7 +133,7 @@ def _evaluations(store: DatasetStore, layout: RunLayout) -> list[EvaluationSecti
 
 def build_run_report(store: DatasetStore, run: str) -> RunReport:
     """What the run holds now, from storage alone; `ConfigError` if there is no such run."""
-    _require_run(store, run)
+    require_run(store, run)
     layout = RunLayout(run)
     record: dict[str, Any] = store.read_json(layout.run_record) or {}
     reports_stage = posixpath.basename(layout.reports)
@@ -247,7 +241,7 @@ def run_report(args: argparse.Namespace, settings: AvrSettings) -> int:
         print(f"run report: {where}")
         print("no Prefect API configured (PREFECT_API_URL): no artifact published")
         return 0
-    _require_run(store, args.run)  # a wrong name is a usage error, not a failed flow run
+    require_run(store, args.run)  # a wrong name is a usage error, not a failed flow run
     try:
         params = ReportParams(run_name=args.run, storage_root=store.root, out=args.out)
     except ValidationError as err:
