@@ -171,12 +171,10 @@ def preview_run_name(run: str) -> str:
 
 
 def _step_record(store: DatasetStore, run: str, step: str) -> dict[str, Any] | None:
+    """The step's record (`tasks.runlog.record_step`: its StepResult as JSON), if it ran."""
     stage, name = step.split("/", 1)
     record = store.read_json(RunLayout(run).step_record(StepRef(stage, name)))
-    if not isinstance(record, dict):
-        return None
-    result = record.get("result", record)
-    return result if isinstance(result, dict) else None
+    return record if isinstance(record, dict) else None
 
 
 def find_calibrations(
