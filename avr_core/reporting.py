@@ -187,13 +187,13 @@ class SliceProgress(BaseModel):
     slice: int
     shards: int = Field(description="shards in the slice")
     done: int = Field(description="of them, committed now")
-    rows: int = Field(description="rows in the committed shards")
+    rows: int | None = Field(description="rows in the committed shards (None while running)")
     generated_chars: int | None = Field(None, description="characters the shards generated")
     completion_tokens: int | None = Field(None, description="tokens the shards generated")
     workers: list[str] = Field(default_factory=list, description="workers that computed them")
     flow_run: str | None = Field(None, description="the child flow run (None: nothing to do)")
     state: str | None = None
-    seconds: float | None = Field(None, description="the child's wall time")
+    seconds: float | None = Field(None, description="the child's wall time (so far, if running)")
 
 
 def render_slices_markdown(name: str, slices: Sequence[SliceProgress]) -> str:
@@ -202,7 +202,7 @@ def render_slices_markdown(name: str, slices: Sequence[SliceProgress]) -> str:
         (
             str(s.slice),
             f"{s.done}/{s.shards}",
-            str(s.rows),
+            "-" if s.rows is None else str(s.rows),
             "-" if s.generated_chars is None else str(s.generated_chars),
             "-" if s.completion_tokens is None else str(s.completion_tokens),
             "-" if s.seconds is None else f"{s.seconds:.1f}",

@@ -349,8 +349,8 @@ class RootFS:
 
         return self._call("exists", where, exists)
 
-    def list_names(self, where: str, kind: str | None = None) -> list[str]:
-        """Base names directly under a directory (`kind` = "directory"/"file" filters); sorted."""
+    def _entries(self, where: str) -> list[dict[str, Any]]:
+        """fsspec's detailed listing of a directory, fresh; empty if it does not exist."""
         directory = self.path(where)
 
         def list_entries() -> list[dict[str, Any]]:
@@ -361,14 +361,26 @@ class RootFS:
             return entries
 
         try:
-            entries = self._call("list", where, list_entries)
+            return self._call("list", where, list_entries)
         except FileNotFoundError:
             return []
+
+    def list_names(self, where: str, kind: str | None = None) -> list[str]:
+        """Base names directly under a directory (`kind` = "directory"/"file" filters); sorted."""
         return sorted(
             posixpath.basename(entry["name"].rstrip("/"))
-            for entry in entries
+            for entry in self._entries(where)
             if kind is None or entry.get("type") == kind
         )
+
+    def list_versions(self, where: str) -> dict[str, str]:
+        """Each file directly under a directory with a token that changes when the file is
+        rewritten (size and modification time, or the object's ETag): one listing, no reads."""
+        return {
+            posixpath.basename(entry["name"].rstrip("/")): _version_token(entry)
+            for entry in self._entries(where)
+            if entry.get("type") == "file"
+        }
 
     # -- JSON --------------------------------------------------------------------------------
 
@@ -409,3 +421,10 @@ class RootFS:
             ) from err
         if readback != payload:
             raise StorageUnreachableError(f"storage root {self.root!r} returned a different probe")
+
+
+def _version_token(entry: dict[str, Any]) -> str:
+    """What tells two versions of a listed file apart: local disks give a modification time,
+    object stores a LastModified and an ETag."""
+    stamp = entry.get("mtime", entry.get("LastModified", entry.get("last_modified", "")))
+    return f"{entry.get('size')}:{stamp}:{entry.get('ETag', entry.get('etag', ''))}"

@@ -24,6 +24,7 @@ import yaml
 from prefect import Flow
 from pydantic import BaseModel
 
+from avr_core.devices import gpus_for, models_in
 from flows.avr import avr
 from flows.config_files import (
     PAPER_CONFIG,
@@ -75,6 +76,7 @@ from flows.steps import (
     train_sft_flow,
 )
 from flows.testtime import refine, think
+from tasks.slices import GPU_COUNT_VARIABLE
 
 __all__ = [
     "CONFIG_FILES",
@@ -249,15 +251,22 @@ def _deployment(
 ) -> dict[str, Any]:
     """One deployment: the flow, its sections of a config file as parameters, its work pool."""
     params = sections_for(config, entry.params_model)
-    build_params(entry.params_model, params)  # fail here, not in the UI, if a config is wrong
+    # Built here so a wrong config fails now, not in the UI.
+    built = build_params(entry.params_model, params)
     source = config_file.relative_to(PROJECT_DIR).as_posix()
+    # A flow run on the gpu pool asks for the GPUs its largest engine takes (the paper's reward
+    # model: tensor_parallel_size 2): the Kubernetes template's gpu_count; other pool types
+    # ignore the variable.
+    job_variables = (
+        {GPU_COUNT_VARIABLE: max(1, gpus_for(models_in(built)))} if pool == GPU_POOL else {}
+    )
     return {
         "name": name,
         "entrypoint": entry.entrypoint,
         "description": f"{entry.name} with the defaults of {source}",
         "tags": ["avr", name],
         "parameters": {PARAM_NAME: params},
-        "work_pool": {"name": pool, "work_queue_name": "default", "job_variables": {}},
+        "work_pool": {"name": pool, "work_queue_name": "default", "job_variables": job_variables},
         "enforce_parameter_schema": True,
     }
 

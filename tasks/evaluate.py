@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 
 from avr_core.comparison import SystemAnswers, judge_prompts, system_answers
 from avr_core.config import EvaluationConfig, ExecutionConfig, ModelSpec, SystemRef
+from avr_core.devices import sharing_gpu_memory
 from avr_core.evaluation import (
     Estimate,
     SystemSummary,
@@ -144,15 +145,15 @@ def evaluate_task(
     }
     chunks = split_into_shards(prompt_ids, params.shard_size)
     plan = plan_step(store, io.run, io.target, Judgement, step_config, shard_count=len(chunks))
+    # Reward model and judge in one process: two vLLM engines split the GPU memory.
+    together = sharing_gpu_memory(execution, [reward_spec, judge_spec])
     scorer = (
-        LazyEngine(lambda: open_reward_model(reward_spec, execution))
+        LazyEngine(lambda: open_reward_model(reward_spec, together))
         if reward_spec is not None
         else None
     )
     judge = (
-        LazyEngine(lambda: open_generator(judge_spec, execution))
-        if judge_spec is not None
-        else None
+        LazyEngine(lambda: open_generator(judge_spec, together)) if judge_spec is not None else None
     )
 
     def compute(index: int, _: tuple[list[object], ...]) -> ShardOutput:

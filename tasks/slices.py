@@ -13,11 +13,19 @@ Only the task's name and its parameters as JSON go to a child. The parent learns
 children did from storage (each shard's footer names its worker), never from Prefect's result
 persistence.
 
-Retries. A child's idempotency key is run, step, fingerprint, slice k of n and a generation.
+Retries. A child's idempotency key is storage root, run, step, fingerprint, slice k of n and a
+generation.
 Slices are dealt from all of the step's shards, not only the pending ones, so a retried parent
 computes the same keys: a child still running from an earlier attempt is waited for, never
 doubled. A child that ended (failed, crashed, cancelled) leaving shards of its slice uncommitted
-is replaced by the next generation, which computes only those.
+is replaced by the next generation, which computes only those. Children of the same step still
+running under another slicing (a parent re-run with another `workers`) are waited for first, so
+two children never compute one shard at once.
+
+GPUs. A slice's flow run asks its pool for as many GPUs as the step's largest engine takes
+(`avr_core.devices.gpus_for`: tensor x pipeline parallel), through the pool's `gpu_count` job
+variable where its template has one (deployments/job_templates/gpu-kubernetes.json);
+`execution.slice_job_variables` overrides it.
 """
 
 from __future__ import annotations
@@ -31,9 +39,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from prefect import get_run_logger
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    update_progress_artifact,
+)
 from prefect.client.orchestration import SyncPrefectClient, get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterIdempotencyKey
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterIdempotencyKey,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+    FlowRunFilterTags,
+)
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.context import TaskRunContext
 from prefect.deployments import run_deployment
@@ -41,6 +59,9 @@ from prefect.exceptions import ObjectNotFound
 from pydantic import TypeAdapter
 
 from avr_core.config import ExecutionConfig, ModelSpec, TransformersModel, VLLMModel
+from avr_core.devices import gpus_for
+from avr_core.fingerprint import sha256_hex
+from avr_core.layout import RunLayout, shard_index
 from avr_core.reporting import SliceProgress, render_slices_markdown
 from avr_core.results import StepResult
 from avr_core.steps import (
@@ -61,6 +82,7 @@ __all__ = [
     "loads_model",
     "run_slices",
     "slice_arguments",
+    "slice_job_variables",
     "slice_key",
     "task_parameters_from_json",
     "task_parameters_to_json",
@@ -68,6 +90,10 @@ __all__ = [
 
 # How often the parent reads its children's states: a slice runs for minutes to hours.
 POLL_SECONDS = 2.0
+# How often the parent's slice artifact is brought up to date while the children run.
+PROGRESS_SECONDS = 30.0
+# The job variable of a pool's template that sets a flow run's GPU count (Kubernetes template).
+GPU_COUNT_VARIABLE = "gpu_count"
 # A child still waiting for a worker after this long gets a warning naming its pool.
 UNCLAIMED_WARNING_SECONDS = 300.0
 
@@ -168,23 +194,86 @@ class _Slice:
     flow_run: FlowRun | None = None
 
 
+def _step_key(plan: StepPlan) -> str:
+    """What every child key of this step starts with. The storage root is in it (hashed: a
+    bucket name is not for the UI), so two teams' runs of one name on one server stay apart."""
+    root = sha256_hex(plan.store.root.encode())[:12]
+    return f"{root}:{plan.run}:{plan.target}:{plan.fingerprint}:"
+
+
 def slice_key(plan: StepPlan, index: int, count: int, generation: int) -> str:
     """The idempotency key of slice `index` of `count` of a step: the same for every attempt of
     its parent; `generation` counts the children that ended before computing all of it."""
-    return f"{plan.run}:{plan.target}:{plan.fingerprint}:slice-{index}-of-{count}:{generation}"
+    return f"{_step_key(plan)}slice-{index}-of-{count}:{generation}"
+
+
+def slice_job_variables(
+    chosen: Mapping[str, Any], template_variables: Sequence[str], gpus: int
+) -> dict[str, Any]:
+    """A slice's job variables: `chosen` (execution.slice_job_variables) over the GPU count its
+    engines need, where the pool's template has a variable for it (process pools do not)."""
+    derived = (
+        {GPU_COUNT_VARIABLE: gpus} if gpus and GPU_COUNT_VARIABLE in template_variables else {}
+    )
+    return {**derived, **chosen}
 
 
 def _state(run: FlowRun | None) -> str:
     return run.state.type.value if run is not None and run.state is not None else "-"
 
 
+def _slice_pool(client: SyncPrefectClient, execution: ExecutionConfig) -> tuple[str, list[str]]:
+    """The work pool of the slice deployment and its template's job variables."""
+    try:
+        deployment = client.read_deployment_by_name(execution.slice_deployment)
+    except ObjectNotFound as err:
+        raise SliceDeploymentMissingError(
+            f"execution.workers={execution.workers} runs the slices on deployment "
+            f"{execution.slice_deployment!r}, which the Prefect server does not have: deploy it "
+            f"(prefect deploy --prefect-file deployments/prefect.yaml --name "
+            f"{execution.slice_deployment}) or set execution.slice_deployment"
+        ) from err
+    pool = deployment.work_pool_name or execution.slice_deployment
+    if deployment.work_pool_name is None:
+        return pool, []
+    template = client.read_work_pool(deployment.work_pool_name).base_job_template
+    return pool, sorted(template.get("variables", {}).get("properties", {}))
+
+
+def _other_slicings(client: SyncPrefectClient, plan: StepPlan, count: int) -> list[FlowRun]:
+    """Children of this step (same root, run, fingerprint) still running under another slice
+    count: left by an earlier parent run with another `workers`."""
+    running = client.read_flow_runs(
+        flow_run_filter=FlowRunFilter(
+            tags=FlowRunFilterTags(all_=["step-slice", plan.run]),
+            state=FlowRunFilterState(
+                type=FlowRunFilterStateType(
+                    not_any_=[
+                        StateType.COMPLETED,
+                        StateType.FAILED,
+                        StateType.CRASHED,
+                        StateType.CANCELLED,
+                    ]
+                )
+            ),
+        )
+    )
+    prefix = _step_key(plan)
+    return [
+        run
+        for run in running
+        if (run.idempotency_key or "").startswith(prefix)
+        and f"-of-{count}:" not in (run.idempotency_key or "")
+    ]
+
+
 def _launch(
     client: SyncPrefectClient,
     plan: StepPlan,
-    execution: ExecutionConfig,
     call: tuple[str, dict[str, Any]],
     piece: _Slice,
     count: int,
+    target: tuple[str, dict[str, Any]],
 ) -> FlowRun:
     """The child flow run of `piece`: one still running from an earlier attempt, or a new one."""
     logger = get_run_logger()
@@ -211,56 +300,82 @@ def _launch(
         # the next generation computes only those.
         generation += 1
     task_name, parameters = call
+    deployment, job_variables = target
     name = f"{plan.run}-{plan.target.step}-slice-{piece.index}"
-    try:
-        created = run_deployment(
-            name=execution.slice_deployment,
-            parameters={"task_name": task_name, "parameters": parameters, "shards": piece.todo},
-            flow_run_name=f"{name}-retry-{generation}" if generation else name,
-            timeout=0,  # launch only: the parent polls every child below
-            idempotency_key=key,
-            tags=["avr", "step-slice", plan.run],
-            job_variables=execution.slice_job_variables or None,
-        )
-    except ObjectNotFound as err:
-        raise SliceDeploymentMissingError(
-            f"execution.workers={execution.workers} runs the slices of {plan.target} on "
-            f"deployment {execution.slice_deployment!r}, which the Prefect server does not "
-            "have: deploy it (prefect deploy --prefect-file deployments/prefect.yaml --name "
-            f"{execution.slice_deployment}) or set execution.slice_deployment"
-        ) from err
+    created = run_deployment(
+        name=deployment,
+        parameters={"task_name": task_name, "parameters": parameters, "shards": piece.todo},
+        flow_run_name=f"{name}-retry-{generation}" if generation else name,
+        timeout=0,  # launch only: the parent polls every child below
+        idempotency_key=key,
+        tags=["avr", "step-slice", plan.run],
+        job_variables=job_variables or None,
+    )
     # A sync task has no event loop: run_deployment ran synchronously and returned the run.
     assert isinstance(created, FlowRun)
     logger.info(
-        "%s slice %d: shards %s -> flow run %s on %s",
+        "%s slice %d: shards %s -> flow run %s on %s%s",
         plan.target,
         piece.index,
         piece.todo,
         created.name,
-        execution.slice_deployment,
+        deployment,
+        f" with {job_variables}" if job_variables else "",
     )
     return created
 
 
-def _wait(client: SyncPrefectClient, plan: StepPlan, pieces: list[_Slice], pool: str) -> None:
-    """Poll the children until every one has ended; log each change of state."""
+def _wait_for_earlier(client: SyncPrefectClient, plan: StepPlan, runs: list[FlowRun]) -> None:
+    """Wait until children of another slicing of this step have ended."""
+    logger = get_run_logger()
+    logger.info(
+        "%s: %d child flow run(s) of an earlier slicing still run (%s); waiting for them before "
+        "dealing the step anew",
+        plan.target,
+        len(runs),
+        ", ".join(run.name for run in runs),
+    )
+    waiting = list(runs)
+    while waiting:
+        waiting = [client.read_flow_run(run.id) for run in waiting]
+        waiting = [run for run in waiting if run.state is None or not run.state.is_final()]
+        check_run_lease(plan.store.root, plan.run)
+        if waiting:
+            time.sleep(POLL_SECONDS)
+
+
+def _wait(
+    client: SyncPrefectClient,
+    plan: StepPlan,
+    pieces: list[_Slice],
+    pool: str,
+    publish: Callable[[], None],
+) -> None:
+    """Poll the children until every one has ended; log each change of state, and `publish`
+    their progress on each change and every PROGRESS_SECONDS."""
     logger = get_run_logger()
     started = time.monotonic()
+    published = started
     seen: dict[int, str] = {}
     warned = False
     waiting = list(pieces)
     while waiting:
+        changed = False
         for piece in list(waiting):
             assert piece.flow_run is not None
             piece.flow_run = client.read_flow_run(piece.flow_run.id)
             state = _state(piece.flow_run)
             if seen.get(piece.index) != state:
                 seen[piece.index] = state
+                changed = True
                 logger.info(
                     "%s slice %d (%s): %s", plan.target, piece.index, piece.flow_run.name, state
                 )
             if piece.flow_run.state is not None and piece.flow_run.state.is_final():
                 waiting.remove(piece)
+        if waiting and (changed or time.monotonic() - published >= PROGRESS_SECONDS):
+            publish()
+            published = time.monotonic()
         unclaimed = [p.index for p in waiting if seen.get(p.index) in ("SCHEDULED", "PENDING")]
         if unclaimed and not warned and time.monotonic() - started > UNCLAIMED_WARNING_SECONDS:
             warned = True
@@ -274,6 +389,68 @@ def _wait(client: SyncPrefectClient, plan: StepPlan, pieces: list[_Slice], pool:
         check_run_lease(plan.store.root, plan.run)
         if waiting:
             time.sleep(POLL_SECONDS)
+
+
+class _LiveProgress:
+    """The slice artifact while the children run, from one listing of the step's directory per
+    update (no shard is read): a shard pending at launch counts as done once its file has been
+    written since. The exact figures (rows, tokens, workers) come when every child has ended."""
+
+    def __init__(self, plan: StepPlan, pieces: list[_Slice], title: str) -> None:
+        self.plan, self.pieces, self.title = plan, pieces, title
+        self.directory = RunLayout(plan.run).step(plan.target)
+        self.before = plan.store.files.list_versions(self.directory)
+        self.key = artifact_key(plan.run, f"{plan.target.stage}-{plan.target.step}-slices")
+        self.bar: Any = None
+
+    def done_now(self) -> set[int]:
+        written = {
+            index
+            for name, version in self.plan.store.files.list_versions(self.directory).items()
+            if (index := shard_index(name)) is not None and self.before.get(name) != version
+        }
+        return set(self.plan.done) | written
+
+    def publish(self) -> None:
+        """Bring the artifacts up to date; a failed update costs only this update."""
+        try:
+            done = self.done_now()
+            now = time.time()
+            rows = [_running(piece, done, now) for piece in self.pieces]
+            create_markdown_artifact(
+                markdown=render_slices_markdown(f"{self.title} (running)", rows),
+                key=self.key,
+                description=f"slices of {self.plan.target} in run {self.plan.run}, running",
+            )
+            fraction = 100.0 * len(done & set(self.plan.indices)) / max(len(self.plan.indices), 1)
+            if self.bar is None:
+                self.bar = create_progress_artifact(
+                    fraction,
+                    key=f"{self.key}-progress",
+                    description=f"shards of {self.plan.target} committed, %",
+                )
+            else:
+                update_progress_artifact(self.bar, fraction)
+        except Exception as err:  # noqa: BLE001 - progress display must never fail the step
+            get_run_logger().warning("%s: slice progress not updated: %s", self.plan.target, err)
+
+
+def _running(piece: _Slice, done: set[int], now: float) -> SliceProgress:
+    """A slice while its child may still run: shards done from the listing, time so far."""
+    run = piece.flow_run
+    seconds = None
+    if run is not None and run.start_time is not None:
+        end = run.end_time.timestamp() if run.end_time is not None else now
+        seconds = end - run.start_time.timestamp()
+    return SliceProgress(
+        slice=piece.index,
+        shards=len(piece.shards),
+        done=len([i for i in piece.shards if i in done]),
+        rows=None,
+        flow_run=run.name if run is not None else None,
+        state=_state(run) if run is not None else None,
+        seconds=seconds,
+    )
 
 
 def _progress(piece: _Slice, committed: Mapping[int, CommittedShard]) -> SliceProgress:
@@ -300,41 +477,61 @@ def _progress(piece: _Slice, committed: Mapping[int, CommittedShard]) -> SlicePr
 
 
 def run_slices(
-    plan: StepPlan, execution: ExecutionConfig, extra_counts: Mapping[str, int] | None = None
+    plan: StepPlan,
+    execution: ExecutionConfig,
+    models: Sequence[ModelSpec | None] = (),
+    extra_counts: Mapping[str, int] | None = None,
 ) -> StepResult:
     """Compute the pending shards of `plan` in `execution.workers` child flow runs, wait for
-    them, publish their progress, and seal the step once every shard is committed."""
+    them, publish their progress, and seal the step once every shard is committed. `models`
+    are the step's engines: each child asks its pool for the GPUs the largest one takes."""
     logger = get_run_logger()
     call = _current_task_call()
-    pieces = [
-        _Slice(k, shards, [i for i in shards if i not in plan.done])
-        for k, shards in enumerate(slice_shards(plan.indices, execution.workers))
-    ]
-    launched = [piece for piece in pieces if piece.todo]
-    logger.info(
-        "%s: %d of %d shards to compute in %d slice(s) on %s",
-        plan.target,
-        len(plan.pending),
-        len(plan.indices),
-        len(launched),
-        execution.slice_deployment,
-    )
+    title = f"{plan.target} on {execution.slice_deployment}"
     with get_client(sync_client=True) as client:
+        pool, variables = _slice_pool(client, execution)
+        earlier = _other_slicings(client, plan, execution.workers)
+        if earlier:
+            _wait_for_earlier(client, plan, earlier)
+            plan = replan(plan, read_committed(plan))
+        pieces = [
+            _Slice(k, shards, [i for i in shards if i not in plan.done])
+            for k, shards in enumerate(slice_shards(plan.indices, execution.workers))
+        ]
+        launched = [piece for piece in pieces if piece.todo]
+        logger.info(
+            "%s: %d of %d shards to compute in %d slice(s) on %s",
+            plan.target,
+            len(plan.pending),
+            len(plan.indices),
+            len(launched),
+            execution.slice_deployment,
+        )
+        progress = _LiveProgress(plan, pieces, title)
+        job_variables = slice_job_variables(
+            execution.slice_job_variables, variables, gpus_for(models)
+        )
         for piece in launched:
-            piece.flow_run = _launch(client, plan, execution, call, piece, len(pieces))
-        pool = launched[0].flow_run.work_pool_name if launched[0].flow_run else None
-        _wait(client, plan, launched, pool or execution.slice_deployment)
+            piece.flow_run = _launch(
+                client,
+                plan,
+                call,
+                piece,
+                len(pieces),
+                (execution.slice_deployment, job_variables),
+            )
+        progress.publish()
+        _wait(client, plan, launched, pool, progress.publish)
 
     committed = read_committed(plan)
     after = replan(plan, committed)
     create_markdown_artifact(
-        markdown=render_slices_markdown(
-            f"{plan.target} on {execution.slice_deployment}",
-            [_progress(piece, committed) for piece in pieces],
-        ),
-        key=artifact_key(plan.run, f"{plan.target.stage}-{plan.target.step}-slices"),
+        markdown=render_slices_markdown(title, [_progress(piece, committed) for piece in pieces]),
+        key=progress.key,
         description=f"slices of {plan.target} in run {plan.run}",
     )
+    if progress.bar is not None:
+        update_progress_artifact(progress.bar, 100.0 * len(after.done) / max(len(plan.indices), 1))
     if after.pending:
         short = [
             f"slice {p.index} ({p.flow_run.name if p.flow_run else '-'}, {_state(p.flow_run)}): "

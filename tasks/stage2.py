@@ -17,6 +17,7 @@ from avr_core.config import (
     SearchConfig,
     SelectionConfig,
 )
+from avr_core.devices import sharing_gpu_memory
 from avr_core.engines.base import Generator, RewardModel
 from avr_core.fingerprint import (
     long_response_step_config,
@@ -91,12 +92,13 @@ def greedy_search_task(
         template_version=templates.version,
         sampling=search.sampling,
     )
-    generator: LazyEngine[Generator] = LazyEngine(lambda: open_generator(policy, execution))
-    scorer: LazyEngine[RewardModel] = LazyEngine(lambda: open_reward_model(reward, execution))
+    # Both engines run in this one process, from the worker's first GPU on: two vLLM engines
+    # split execution.gpu_memory_utilization between them. A big reward model is better served
+    # by `vllm serve` (backend openai), or spread over more GPUs (tensor_parallel_size).
+    together = sharing_gpu_memory(execution, [policy, reward])
+    generator: LazyEngine[Generator] = LazyEngine(lambda: open_generator(policy, together))
+    scorer: LazyEngine[RewardModel] = LazyEngine(lambda: open_reward_model(reward, together))
     compute = search_shards(generator.get, scorer.get, templates, search, lineage)
-    # Both engines run in this one process: two in-process vLLM engines on one GPU must share
-    # its memory (execution.gpu_memory_utilization); a big reward model is better served by
-    # `vllm serve`, or spread over more GPUs of the worker (tensor_parallel_size).
     return execute_plan(
         plan, compute, (generator, scorer), execution=execution, models=[policy, reward]
     )

@@ -78,7 +78,7 @@ def execute_plan(
     if fans_out(plan, execution, models):
         assert execution is not None
         # The parent loads no engine and holds no GPU slot: its children hold their workers'.
-        result = run_slices(plan, execution, extra_counts)
+        result = run_slices(plan, execution, models, extra_counts)
     else:
         with (
             _computing_here(held, models, execution),

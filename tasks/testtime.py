@@ -8,6 +8,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from avr_core.config import ExecutionConfig, ModelSpec, RefineConfig, ThinkConfig
+from avr_core.devices import sharing_gpu_memory
 from avr_core.engines.base import Generator, RewardModel
 from avr_core.fingerprint import (
     answers_step_config,
@@ -143,12 +144,14 @@ def refine_task(
         ),
         [Source(io.source, RefinedAnswers)],
     )
-    generator: LazyEngine[Generator] = LazyEngine(lambda: open_generator(policy, execution))
+    # Policy and reward model in one process: two vLLM engines split the GPU memory.
+    together = sharing_gpu_memory(execution, [policy, reward])
+    generator: LazyEngine[Generator] = LazyEngine(lambda: open_generator(policy, together))
     engines: list[LazyEngine[Generator] | LazyEngine[RewardModel]] = [generator]
     scorer = None
     if reward is not None:
         reward_spec = reward
-        scorer = LazyEngine(lambda: open_reward_model(reward_spec, execution))
+        scorer = LazyEngine(lambda: open_reward_model(reward_spec, together))
         engines.append(scorer)
     compute = refine_shards(
         generator.get, scorer.get if scorer is not None else None, templates, refine

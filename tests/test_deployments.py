@@ -173,6 +173,26 @@ def test_deployment_loads_validates_and_has_its_pool(
         expected = GPU_POOL if _holds_engine_or_trains(entry.params_model) else CPU_POOL
         assert pool == expected == entry.pool
         assert params.storage_root.startswith("s3://")
+        # A gpu flow run asks for the GPUs of its largest engine: the paper's reward model is
+        # split over 2 (tensor_parallel_size), so a flow that loads it gets 2, others 1.
+        variables = deployment["work_pool"]["job_variables"]
+        if pool == GPU_POOL:
+            reward = getattr(params, "reward", None)
+            loads_reward = getattr(reward, "tensor_parallel_size", 1) == 2
+            assert variables == {"gpu_count": 2 if loads_reward else 1}
+        else:
+            assert variables == {}
+
+
+def test_the_gpu_count_job_variable_reaches_the_kubernetes_pod() -> None:
+    """What a paper deployment asks for is what the pod requests."""
+    template = json.loads((JOB_TEMPLATES / "gpu-kubernetes.json").read_text())
+    defaults = {
+        k: v["default"] for k, v in template["variables"]["properties"].items() if "default" in v
+    }
+    rendered = apply_values(template["job_configuration"], {**defaults, "gpu_count": 2})
+    container = rendered["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 2
 
 
 def test_nightly_schedule(document: dict[str, Any]) -> None:

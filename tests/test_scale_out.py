@@ -54,6 +54,7 @@ from avr_core.config import (
     TreeConfig,
     VLLMModel,
 )
+from avr_core.devices import engine_gpus, gpus_for, models_in, sharing_gpu_memory
 from avr_core.engines.vllm_backend import build_engine_kwargs, build_serve_command
 from avr_core.fingerprint import model_identity
 from avr_core.ingest import read_prompts
@@ -86,8 +87,10 @@ from tasks import step_runner
 from tasks.engines import LazyEngine, gpu_limit_name
 from tasks.runlog import artifact_key
 from tasks.slices import (
+    _other_slicings,
     fans_out,
     slice_arguments,
+    slice_job_variables,
     slice_key,
     task_parameters_from_json,
     task_parameters_to_json,
@@ -357,6 +360,117 @@ def test_slice_keys_are_stable_and_distinct(tmp_path: Path) -> None:
     )
 
 
+def test_slice_keys_keep_two_storage_roots_apart(tmp_path: Path) -> None:
+    """Two teams on one Prefect server, same run name and config, different buckets: a retried
+    parent of one must never wait on (or reuse) the other's children."""
+    one = _plans(DatasetStore(f"file://{tmp_path}/one"), count=2)()
+    two = _plans(DatasetStore(f"file://{tmp_path}/two"), count=2)()
+    assert one.fingerprint == two.fingerprint
+    assert slice_key(one, 0, 2, 0) != slice_key(two, 0, 2, 0)
+    assert str(tmp_path) not in slice_key(one, 0, 2, 0), "no bucket or path in the UI"
+
+
+def test_slices_ask_their_pool_for_the_gpus_of_the_largest_engine() -> None:
+    kubernetes = ["gpu_count", "image", "namespace"]
+    policy, reward = VLLMModel(path="p"), VLLMModel(path="rm", tensor_parallel_size=2)
+    assert slice_job_variables({}, kubernetes, gpus_for([policy, reward])) == {"gpu_count": 2}
+    assert slice_job_variables({}, kubernetes, gpus_for([policy, RulesModel()])) == {"gpu_count": 1}
+    # What the operator set wins; a pool whose template has no such variable gets none.
+    assert slice_job_variables({"gpu_count": 4}, kubernetes, 2) == {"gpu_count": 4}
+    assert slice_job_variables({}, ["command", "env"], 2) == {}
+    assert slice_job_variables({"env": {"A": "1"}}, ["command", "env"], 2) == {"env": {"A": "1"}}
+    assert slice_job_variables({}, kubernetes, gpus_for([RulesModel(), None])) == {}
+
+
+def test_engine_gpus_and_engines_that_share_a_process() -> None:
+    tp2 = VLLMModel(path="rm", tensor_parallel_size=2, pipeline_parallel_size=2)
+    served = OpenAIModel(path="m", base_url="http://h/v1")
+    assert [engine_gpus(m) for m in (tp2, VLLMModel(), TransformersModel(), served, None)] == [
+        4,
+        1,
+        1,
+        0,
+        0,
+    ]
+    assert gpus_for([]) == 0 and gpus_for([VLLMModel(), tp2]) == 4, "they share, not add up"
+    # Two in-process vLLM engines (a greedy search's policy and reward model) split the memory
+    # each would take alone; with one vLLM engine nothing changes.
+    execution = ExecutionConfig(gpu_memory_utilization=0.9)
+    shared = sharing_gpu_memory(execution, [VLLMModel(path="p"), tp2])
+    assert shared.gpu_memory_utilization == pytest.approx(0.45)
+    assert shared.model_copy(update={"gpu_memory_utilization": 0.9}) == execution
+    assert sharing_gpu_memory(execution, [VLLMModel(path="p"), RulesModel()]) is execution
+    assert sharing_gpu_memory(execution, [TransformersModel(), served]) is execution
+
+
+def test_models_in_finds_every_local_model_of_a_flows_parameters() -> None:
+    from flows.params import Stage2Params
+
+    params = Stage2Params(
+        policy=VLLMModel(path="p"), reward=VLLMModel(path="rm", tensor_parallel_size=2)
+    )
+    assert [m.path for m in models_in(params)] == ["p", "rm"]
+    assert gpus_for(models_in(params)) == 2
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_rewritten_shard_gets_a_new_version_in_one_listing(
+    where: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """How a parent sees its children's progress without reading a shard."""
+    if where == "s3":
+        location = request.getfixturevalue("s3_location")
+        store = DatasetStore(location.root, location.storage_options)
+    else:
+        store = DatasetStore(f"file://{tmp_path}/store")
+    store.files.write_bytes("d/part-00000.parquet", b"old")
+    store.files.write_bytes("d/part-00001.parquet", b"same")
+    before = store.files.list_versions("d")
+    assert set(before) == {"part-00000.parquet", "part-00001.parquet"}
+    time.sleep(0.05 if where == "local" else 1.1)  # S3 LastModified has whole seconds
+    store.files.write_bytes("d/part-00000.parquet", b"newer")
+    store.files.write_bytes("d/part-00002.parquet", b"new")
+    after = store.files.list_versions("d")
+    changed = {name for name, version in after.items() if before.get(name) != version}
+    assert changed == {"part-00000.parquet", "part-00002.parquet"}
+    assert store.files.list_versions("nowhere") == {}
+
+
+def test_children_of_another_slicing_of_the_step_are_found(
+    prefect_harness: Path, tmp_path: Path
+) -> None:
+    """A parent re-run with another `workers` while the first slicing's children still run must
+    wait for them: else two children compute one shard at once."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Completed, Running
+
+    plan = _plans(DatasetStore(f"file://{tmp_path}/store"), count=4)()
+    other = _plans(DatasetStore(f"file://{tmp_path}/elsewhere"), count=4)()
+
+    async def children() -> dict[str, Any]:
+        async with get_client() as client:
+            flow_id = await client.create_flow_from_name("step-slice")
+            deployment = await client.create_deployment(flow_id=flow_id, name="finder-test")
+            runs = {}
+            for name, key, state in [
+                ("old-running", slice_key(plan, 0, 3, 0), Running()),
+                ("old-done", slice_key(plan, 1, 3, 0), Completed()),
+                ("same-count", slice_key(plan, 0, 2, 0), Running()),
+                ("other-root", slice_key(other, 0, 3, 0), Running()),
+            ]:
+                run = await client.create_flow_run_from_deployment(
+                    deployment, idempotency_key=key, tags=["avr", "step-slice", RUN]
+                )
+                await client.set_flow_run_state(run.id, state, force=True)
+                runs[name] = run.id
+            return runs
+
+    runs = asyncio.run(children())
+    with get_client(sync_client=True) as client:
+        found = _other_slicings(client, plan, 2)
+    assert [run.id for run in found] == [runs["old-running"]]
+
+
 def test_slice_artifact_shows_each_slice() -> None:
     text = render_slices_markdown(
         "stage1/seed_trees on step-slice/gpu",
@@ -482,6 +596,17 @@ def _children(local: LocalPrefect, run: str) -> list[FlowRun]:
     return sorted(runs, key=lambda r: r.name)
 
 
+def _artifact_versions(local: LocalPrefect, key: str) -> list[Any]:
+    """Every version of the artifact `key`, oldest first."""
+    found = _call(
+        local,
+        lambda client: client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
+        ),
+    )
+    return sorted(found, key=lambda artifact: artifact.created)
+
+
 def _parent_of(local: LocalPrefect, child: FlowRun) -> FlowRun:
     """The flow run a child is linked under (run_deployment links it to the step's task)."""
     assert child.parent_task_run_id is not None, "a slice is a subflow of its step's task"
@@ -604,17 +729,18 @@ def test_two_workers_compute_each_shard_once_and_write_what_one_process_writes(
         sorted(ids)
     )
 
-    # The parent's slice artifact: one row per slice, with its worker.
+    # The parent's slice artifact: kept up to date while the children ran, then one row per
+    # slice with its rows and worker; the progress bar ends at 100%.
     key = artifact_key("scale", f"{TREES.stage}-{TREES.step}-slices")
-    (artifact,) = _call(
-        cluster,
-        lambda client: client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
-        ),
-    )
+    versions = _artifact_versions(cluster, key)
+    artifact = versions[-1]
+    assert any("(running)" in v.data for v in versions[:-1]), [v.data for v in versions]
+    assert "(running)" not in artifact.data
     for child in children:
         assert "| 2/2 | 2 | " in artifact.data and child.name in artifact.data
     assert "gpu-0" in artifact.data and "gpu-1" in artifact.data
+    progress = _artifact_versions(cluster, f"{key}-progress")
+    assert progress and float(progress[-1].data) == 100.0
 
     # The same step with one worker (in the `avr run` process), same prompts, same seed.
     _ingest(root, "scale-one", 4)
