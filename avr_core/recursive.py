@@ -72,6 +72,7 @@ class SearchStats(BaseModel):
 
     searches: int = Field(0, description="prompts searched (one record each)")
     unscored_starts: int = Field(0, description="starting answers without a score: no rounds")
+    improved_searches: int = Field(0, description="searches with at least one improving round")
     improved_rounds: int = Field(0, description="rounds whose winner beat the current answer")
     stopped_no_gain: int = Field(0, description="searches ended by a round that did not improve")
     reached_max_rounds: int = Field(0, description="searches still improving at max_rounds")
@@ -212,6 +213,7 @@ def greedy_search(
     stats.format_retries = synthesis.format_retries
     stats.dropped_critiques = synthesis.dropped_critiques
     stats.rounds = Counter(len(s.rounds) for s in states)
+    stats.improved_searches = sum(any(r.best is not None for r in s.rounds) for s in states)
     record_lineage = lineage.model_copy(
         update={
             "generator": lineage.generator or generator.model_id,

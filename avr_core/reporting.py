@@ -50,6 +50,7 @@ COUNT_LABELS: dict[str, str] = {
     "pairs_trajectory": "pairs: trajectory",
     "searches": "searches",
     "unscored_starts": "starting answers without a score",
+    "improved_searches": "searches that improved at least once",
     "improved_rounds": "rounds that improved",
     "stopped_no_gain": "searches stopped by a round without gain",
     "reached_max_rounds": "searches still improving at max_rounds",

@@ -45,6 +45,7 @@ from avr_core.templates import (
 )
 
 __all__ = [
+    "CHOSEN_LONGER",
     "KEPT",
     "assemble_trajectory",
     "build_length_controlled_pair",
@@ -60,6 +61,8 @@ __all__ = [
 DEFAULT_DEGENERATE_THRESHOLD = 60
 # What the *_outcome functions say when a record was kept (otherwise: why it was dropped).
 KEPT = "kept"
+# Why `length_controlled_outcome` drops a pair whose best final answer is longer than its worst.
+CHOSEN_LONGER = "chosen_longer"
 
 # The reference's tokenisation (DESIGN section 5). Words are `\w+` tokens of the text, in every
 # script, digits and underscores included ("x0" and "x1" are two words). Symbol runs are maximal
@@ -429,7 +432,7 @@ def length_controlled_outcome(
     if not best[0] > worst[0]:
         return None, "no_score_spread"
     if len(best[1]) > len(worst[1]):
-        return None, "chosen_longer"
+        return None, CHOSEN_LONGER
     if best[2] == worst[2]:  # the same response scored twice: nothing to prefer
         return None, "same_response"
     pair = PreferencePair(

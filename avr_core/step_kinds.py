@@ -40,6 +40,7 @@ from avr_core.schemas import (
     SFTExample,
 )
 from avr_core.selection import (
+    CHOSEN_LONGER,
     KEPT,
     build_preference_pairs,
     length_controlled_outcome,
@@ -143,6 +144,7 @@ def _search_stats(stats: SearchStats, records: list[GreedySearch]) -> ShardStats
         include={
             "searches",
             "unscored_starts",
+            "improved_searches",
             "improved_rounds",
             "stopped_no_gain",
             "reached_max_rounds",
@@ -263,7 +265,12 @@ def lc_pair_shards(selection: SelectionConfig) -> ShardCompute:
             outcomes[outcome] += 1
             if pair is not None:
                 pairs.append(pair)
-        counts = {"long_prompts": len(samples), "lc_pairs": len(pairs)}
+        # The length rule's count is always shown, 0 included: it is what the step is about.
+        counts = {
+            "long_prompts": len(samples),
+            "lc_pairs": len(pairs),
+            f"dropped_{CHOSEN_LONGER}": 0,
+        }
         counts.update({f"dropped_{why}": n for why, n in outcomes.items() if why != KEPT})
         values = {
             "chosen_final_chars": [_final_chars(p.chosen) for p in pairs],

@@ -333,7 +333,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         "searches by rounds run: "
         + ", ".join(f"{n} rounds: {k}" for n, k in histogram)
-        + f"; improved rounds {counts.get('improved_rounds', 0)}, stopped without gain "
+        + f"; searches improved {counts.get('improved_searches', 0)}, improved rounds "
+        f"{counts.get('improved_rounds', 0)}, stopped without gain "
         f"{counts.get('stopped_no_gain', 0)}, reached max_rounds "
         f"{counts.get('reached_max_rounds', 0)}, unscored starts {counts.get('unscored_starts', 0)}"
         + (f", gain mean {result.gain_mean:.4g}" if result.gain_mean is not None else "")

@@ -25,6 +25,8 @@ from prefect import Flow
 from pydantic import BaseModel
 
 from avr_core.devices import gpus_for, models_in
+from avr_core.layout import RunLayout
+from avr_core.steps import Stage1Steps
 from flows.avr import avr
 from flows.config_files import (
     PAPER_CONFIG,
@@ -246,11 +248,21 @@ _HEADER = """\
 """
 
 
+def _stage1_model_as_policy(params: dict[str, Any]) -> dict[str, Any]:
+    """`stage2`'s paper parameters: its policy is the Stage I DPO model of the config's own run
+    (where `stage1/paper` writes it), not the seed model the config names for Stage I."""
+    root, run = params["storage_root"].rstrip("/"), params["run_name"]
+    final = RunLayout(run).final_model(Stage1Steps.TRAIN_DPO.step)
+    return {**params, "policy": {**params["policy"], "path": f"{root}/{final}"}}
+
+
 def _deployment(
     entry: FlowEntry, name: str, config_file: Path, config: dict[str, Any], pool: str
 ) -> dict[str, Any]:
     """One deployment: the flow, its sections of a config file as parameters, its work pool."""
     params = sections_for(config, entry.params_model)
+    if entry.params_model is Stage2Params and name != "tiny":
+        params = _stage1_model_as_policy(params)
     # Built here so a wrong config fails now, not in the UI.
     built = build_params(entry.params_model, params)
     source = config_file.relative_to(PROJECT_DIR).as_posix()

@@ -184,6 +184,22 @@ def test_deployment_loads_validates_and_has_its_pool(
             assert variables == {}
 
 
+def test_stage2_paper_starts_from_the_model_stage1_paper_trains(document: dict[str, Any]) -> None:
+    by_flow = {
+        (d["entrypoint"].rsplit(":")[-1], d["name"]): d["parameters"][PARAM_NAME]
+        for d in document["deployments"]
+        if PARAM_NAME in d["parameters"]
+    }
+    stage1, stage2 = by_flow[("stage1", "paper")], by_flow[("stage2", "paper")]
+    assert stage2["run_name"] == stage1["run_name"]
+    final = f"runs/{stage1['run_name']}/checkpoints/stage1_dpo/final"
+    assert stage2["policy"]["path"] == f"{stage1['storage_root']}/{final}"
+    assert {k: v for k, v in stage2["policy"].items() if k != "path"} == {
+        k: v for k, v in stage1["policy"].items() if k != "path"
+    }
+    assert by_flow[("stage2", "tiny")]["policy"] == by_flow[("stage1", "tiny")]["policy"]
+
+
 def test_the_gpu_count_job_variable_reaches_the_kubernetes_pod() -> None:
     """What a paper deployment asks for is what the pod requests."""
     template = json.loads((JOB_TEMPLATES / "gpu-kubernetes.json").read_text())

@@ -43,6 +43,7 @@ DEGENERATE = "again " * CFG.degenerate_repeat_threshold
 PROPERTY_SETTINGS = settings(deadline=None, max_examples=300)
 # The line of trajectory.jinja that introduces the closing critique.
 CLOSING_REVIEW = "Let me review this draft once more."
+CLOSING_VERDICT = "Trying to act on this review did not make the answer better"
 
 # A few repeated values make ties common; free floats cover everything else; None is rarer
 # than a number so that most trees reach the later pairs.
@@ -225,7 +226,8 @@ def searches(draw) -> GreedySearch:
 
 
 def test_closing_review_is_the_bundled_template_line():
-    assert CLOSING_REVIEW in (BUNDLED_TEMPLATE_DIR / "trajectory.jinja").read_text()
+    template = (BUNDLED_TEMPLATE_DIR / "trajectory.jinja").read_text()
+    assert CLOSING_REVIEW in template and CLOSING_VERDICT in template
 
 
 @PROPERTY_SETTINGS
@@ -257,7 +259,11 @@ def test_trajectory_ends_with_a_readable_final_answer(search: GreedySearch):
     # The closing critique is the one whose refinement scored best, the first on ties.
     top = max(score for score, _ in closing_scores)
     closing_critique = next(critique for score, critique in closing_scores if score == top)
-    assert text.split(CLOSING_REVIEW)[1].strip().startswith(closing_critique.strip())
+    # Exactly that critique stands between the closing review line and the line after it (an
+    # empty critique or one that is a prefix of another would pass a startswith check).
+    after_review = text.split(CLOSING_REVIEW)[1]
+    shown = after_review.split(CLOSING_VERDICT)[0]
+    assert shown.strip() == closing_critique.strip()
 
 
 cot_samples = st.builds(

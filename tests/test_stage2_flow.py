@@ -25,6 +25,7 @@ from avr_core.config import (
     TransformersModel,
     TreeConfig,
 )
+from avr_core.reporting import COUNT_LABELS
 from avr_core.results import RunSummary
 from avr_core.schemas import (
     CoTSample,
@@ -34,6 +35,7 @@ from avr_core.schemas import (
     Sampling,
     SFTExample,
 )
+from avr_core.selection import CHOSEN_LONGER, length_controlled_outcome
 from avr_core.settings import AvrSettings
 from avr_core.steps import Stage1Steps, Stage2Steps
 from avr_core.storage import DatasetStore
@@ -96,6 +98,9 @@ def _check_stage2(summary: RunSummary, run: str, store: DatasetStore, tmp_path: 
     assert search_counts["improved_rounds"] == sum(
         r.best is not None for s in searches for r in s.rounds
     )
+    assert search_counts["improved_searches"] == sum(
+        any(r.best is not None for r in s.rounds) for s in searches
+    )
     assert sum(v for key, v in search_counts.items() if key.startswith("searches_with_")) == len(
         prompt_ids
     )
@@ -110,18 +115,33 @@ def _check_stage2(summary: RunSummary, run: str, store: DatasetStore, tmp_path: 
     assert len(trajectories) == trajectory_counts["trajectories"] > 0
     dropped = sum(v for key, v in trajectory_counts.items() if key.startswith("dropped_"))
     assert len(trajectories) + dropped == len(prompt_ids)
+    by_search = {s.prompt_id: s for s in searches}
     for example in trajectories:
         assert example.kind == "trajectory"
         assert [m.role for m in example.messages] == ["user", "assistant"]
         text = example.messages[-1].content
-        assert extract_final_answer(text) is not None
+        # It parses back to the search's final answer: the last improving round's winner.
+        last_improving = [r for r in by_search[example.prompt_id].rounds if r.best is not None][-1]
+        assert last_improving.best is not None
+        ci, ri = last_improving.best
+        winner = last_improving.critiques[ci].refinements[ri].text.strip()
+        assert extract_final_answer(text) == winner
         assert text.count(CLOSING_REVIEW) == 1
+    trajectory_markdown = _artifact_markdown(f"{run}-stage2-trajectories".replace("_", "-"))
+    assert f"| trajectories kept | {len(trajectories)} |" in trajectory_markdown
+    for key, value in trajectory_counts.items():
+        if key.startswith("dropped_"):  # each reason a search was not kept, with its count
+            assert f"| {COUNT_LABELS[key]} | {value} |" in trajectory_markdown
 
     long = store.read_records(run, *Stage2Steps.LONG_SCORED, CoTSample)
     assert sorted(s.prompt_id for s in long) == prompt_ids
     long_counts = counts[str(Stage2Steps.LONG_RESPONSES)]
     assert long_counts["responses"] == k * len(prompt_ids) == sum(len(s.samples) for s in long)
     unparsed = sum(r.final_answer is None for s in long for r in s.samples)
+    long_markdown = _artifact_markdown(f"{run}-stage2-long-responses")
+    retries = sum(r.format_retries for s in long for r in s.samples)
+    assert long_counts["format_retries"] == retries
+    assert f"| format retries | {retries} |" in long_markdown
     assert long_counts["unparsed"] == unparsed == counts[str(Stage2Steps.LONG_SCORED)]["unparsed"]
     reference = {s.prompt_id: s.initial_score for s in searches}
     for sample in long:
@@ -145,6 +165,12 @@ def _check_stage2(summary: RunSummary, run: str, store: DatasetStore, tmp_path: 
     markdown = _artifact_markdown(f"{run}-stage2-lc-pairs".replace("_", "-"))
     assert f"| length-controlled pairs kept | {len(pairs)} |" in markdown
     assert "| mean chosen_final_chars |" in markdown
+    length_rule = sum(
+        outcome == CHOSEN_LONGER
+        for outcome in (length_controlled_outcome(s, SelectionConfig())[1] for s in long)
+    )
+    assert pair_counts["dropped_chosen_longer"] == length_rule  # shown even when 0
+    assert f"| {COUNT_LABELS['dropped_chosen_longer']} | {length_rule} |" in markdown
     search_markdown = _artifact_markdown(f"{run}-stage2-search".replace("_", "-"))
     assert f"| searches | {len(prompt_ids)} |" in search_markdown
     assert "| round_1_engine_calls |" in search_markdown
