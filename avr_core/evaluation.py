@@ -28,6 +28,8 @@ from avr_core.schemas import Judgement
 
 __all__ = [
     "DEFAULT_RESAMPLES",
+    "SUMMARY_COLUMNS",
+    "SUMMARY_HEADER",
     "Estimate",
     "format_estimate_ci",
     "Judgement",
@@ -37,6 +39,7 @@ __all__ = [
     "length_controlled_win_rate",
     "mean_estimate",
     "summarize_judgements",
+    "summary_rows",
     "win_rate",
 ]
 
@@ -190,6 +193,38 @@ class SystemSummary(BaseModel):
     baseline_chars: Estimate
     candidate_response_chars: Estimate
     position_consistency: float | None = Field(None, description="pairwise judges, in percent")
+
+
+# The evaluation table (terminal, artifact, run report): one row per system x judge. Each
+# column's key names its cell in the run report's page.
+SUMMARY_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("system", "system"),
+    ("judge", "judge"),
+    ("judged", "judged"),
+    ("win_rate", "win rate % [95% CI]"),
+    ("lc_win_rate", "LC win rate % [95% CI]"),
+    ("mean_margin", "mean margin [95% CI]"),
+    ("chars", "chars (cand. vs base)"),
+    ("position_consistency", "position consistency"),
+)
+SUMMARY_HEADER = tuple(title for _, title in SUMMARY_COLUMNS)
+
+
+def summary_rows(summaries: Sequence[SystemSummary]) -> list[tuple[str, ...]]:
+    """The cells of the evaluation table, in SUMMARY_COLUMNS order."""
+    return [
+        (
+            s.system,
+            s.judge,
+            f"{s.judged}/{s.prompts}",
+            format_estimate_ci(s.win_rate),
+            format_estimate_ci(s.lc_win_rate),
+            format_estimate_ci(s.mean_margin),
+            f"{s.candidate_chars.value:.0f} vs {s.baseline_chars.value:.0f}",
+            "-" if s.position_consistency is None else f"{s.position_consistency:.0f}%",
+        )
+        for s in summaries
+    ]
 
 
 def summarize_judgements(

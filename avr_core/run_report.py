@@ -18,7 +18,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from avr_core.evaluation import Estimate, SystemSummary, format_estimate_ci, mean_estimate
+from avr_core.evaluation import (
+    SUMMARY_COLUMNS,
+    SUMMARY_HEADER,
+    Estimate,
+    SystemSummary,
+    mean_estimate,
+    summary_rows,
+)
 from avr_core.plots import scaling_curve_png
 from avr_core.reporting import ShardStats, gain_summary, markdown_table, report_rows
 from avr_core.storage import TOKEN_COUNTERS
@@ -247,22 +254,6 @@ def _mean(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
-_EVALUATION_HEADER = ("system", "judge", "judged", "win rate % [95% CI]", "LC win rate % [95% CI]")
-
-
-def _evaluation_rows(section: EvaluationSection) -> list[tuple[str, ...]]:
-    return [
-        (
-            s.system,
-            s.judge,
-            f"{s.judged}/{s.prompts}",
-            format_estimate_ci(s.win_rate),
-            format_estimate_ci(s.lc_win_rate),
-        )
-        for s in section.summaries
-    ]
-
-
 def _header_facts(report: RunReport) -> list[tuple[str, str, str]]:
     """(data-key, label, value) of the page's header: provenance, then run totals."""
     code = report.code_version
@@ -382,7 +373,7 @@ def _plot_html(plot: ReportPlot) -> str:
 
 
 def _evaluation_html(section: EvaluationSection) -> str:
-    keys = ("system", "judge", "judged", "win_rate", "lc_win_rate")
+    keys = [key for key, _ in SUMMARY_COLUMNS]
     rows = [
         "".join(
             _td(
@@ -390,9 +381,9 @@ def _evaluation_html(section: EvaluationSection) -> str:
             )
             for key, value in zip(keys, r, strict=True)
         )
-        for r in _evaluation_rows(section)
+        for r in summary_rows(section.summaries)
     ]
-    parts = [f"<h3>{_e(section.name)}</h3>", _table(_EVALUATION_HEADER, rows, "evaluation")]
+    parts = [f"<h3>{_e(section.name)}</h3>", _table(SUMMARY_HEADER, rows, "evaluation")]
     parts += [_plot_html(plot) for plot in section.plots]
     return "\n".join(parts)
 
@@ -454,7 +445,7 @@ def render_markdown(report: RunReport, html_uri: str | None = None) -> str:
         lines += [
             f"#### Evaluation {_md(section.name)}",
             "",
-            _md_table(_evaluation_rows(section), _EVALUATION_HEADER),
+            _md_table(summary_rows(section.summaries), SUMMARY_HEADER),
             "",
         ]
     plots = [p.title for p in report.plots] + [

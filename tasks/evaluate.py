@@ -16,12 +16,13 @@ from avr_core.comparison import SystemAnswers, judge_prompts, system_answers
 from avr_core.config import EvaluationConfig, ExecutionConfig, ModelSpec, SystemRef
 from avr_core.devices import sharing_gpu_memory
 from avr_core.evaluation import (
+    SUMMARY_HEADER,
     Estimate,
     SystemSummary,
     alpaca_eval_rows,
-    format_estimate_ci,
     mean_estimate,
     summarize_judgements,
+    summary_rows,
 )
 from avr_core.fingerprint import model_identity
 from avr_core.ingest import read_answers, source_sha256
@@ -213,38 +214,10 @@ def _scaling_curves(rows: list[Judgement], resamples: int, seed: int) -> dict[st
     }
 
 
-def _report_rows(report: EvaluationReport) -> list[tuple[str, ...]]:
-    return [
-        (
-            s.system,
-            s.judge,
-            f"{s.judged}/{s.prompts}",
-            format_estimate_ci(s.win_rate),
-            format_estimate_ci(s.lc_win_rate),
-            format_estimate_ci(s.mean_margin),
-            f"{s.candidate_chars.value:.0f} vs {s.baseline_chars.value:.0f}",
-            "-" if s.position_consistency is None else f"{s.position_consistency:.0f}%",
-        )
-        for s in report.summaries
-    ]
-
-
-_REPORT_HEADER = (
-    "system",
-    "judge",
-    "judged",
-    "win rate % [95% CI]",
-    "LC win rate %",
-    "mean margin",
-    "chars (cand. vs base)",
-    "position consistency",
-)
-
-
 def format_report(report: EvaluationReport) -> str:
     """The evaluation table for a terminal, then where everything is."""
     lines = [
-        text_table(_report_rows(report), _REPORT_HEADER),
+        text_table(summary_rows(report.summaries), SUMMARY_HEADER),
         "",
         f"table    {report.table_uri}",
         f"summary  {report.summary_uri}",
@@ -260,7 +233,7 @@ def render_report_markdown(report: EvaluationReport) -> str:
     lines = [
         f"### Evaluation against {baseline}",
         "",
-        markdown_table(_report_rows(report), _REPORT_HEADER),
+        markdown_table(summary_rows(report.summaries), SUMMARY_HEADER),
         "",
         f"Table: `{report.table_uri}`  ",
         f"Summary: `{report.summary_uri}`",
