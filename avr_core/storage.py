@@ -315,6 +315,12 @@ class DatasetStore:
             content_sha256=rows_digest,
         )
 
+    def shard_versions(self, run: str, ref: StepRef) -> dict[int, str]:
+        """Each shard file of a step with a token that changes whenever it is rewritten: one
+        listing, no reads (how a scaled-out step's parent follows its children's commits)."""
+        versions = self.files.list_versions(RunLayout(run).step(ref))
+        return {i: v for name, v in versions.items() if (i := shard_index(name)) is not None}
+
     def _shard_indices(self, run: str, stage: str, step: str) -> list[int]:
         names = self.files.list_names(RunLayout(run).step(StepRef(stage, step)))
         return sorted(i for i in map(shard_index, names) if i is not None)

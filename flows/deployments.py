@@ -16,6 +16,7 @@ config, a scaled-out step launches it once per slice. It is deployed once per po
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,16 @@ class FlowEntry:
     pool: str  # work pool of the paper deployment (tiny deployments all run on cpu)
     paper_name: str = "paper"
     cron: str | None = None  # a schedule for the paper deployment
+    # What the paper deployment changes in its parameters from paper.yaml's sections.
+    paper_params: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+
+
+def _stage1_model_as_policy(params: dict[str, Any]) -> dict[str, Any]:
+    """`stage2`'s paper parameters: its policy is the Stage I DPO model of the config's own run
+    (where `stage1/paper` writes it), not the seed model the config names for Stage I."""
+    root, run = params["storage_root"].rstrip("/"), params["run_name"]
+    final = RunLayout(run).final_model(Stage1Steps.TRAIN_DPO.step)
+    return {**params, "policy": {**params["policy"], "path": f"{root}/{final}"}}
 
 
 FLOWS: tuple[FlowEntry, ...] = (
@@ -168,7 +179,14 @@ FLOWS: tuple[FlowEntry, ...] = (
     FlowEntry(
         "train-dpo", train_dpo_flow, TrainDPOParams, "flows/steps.py:train_dpo_flow", GPU_POOL
     ),
-    FlowEntry("stage2", stage2, Stage2Params, "flows/stage2.py:stage2", GPU_POOL),
+    FlowEntry(
+        "stage2",
+        stage2,
+        Stage2Params,
+        "flows/stage2.py:stage2",
+        GPU_POOL,
+        paper_params=_stage1_model_as_policy,
+    ),
     FlowEntry("avr", avr, AvrParams, "flows/avr.py:avr", GPU_POOL),
     FlowEntry(
         "greedy-search",
@@ -248,21 +266,19 @@ _HEADER = """\
 """
 
 
-def _stage1_model_as_policy(params: dict[str, Any]) -> dict[str, Any]:
-    """`stage2`'s paper parameters: its policy is the Stage I DPO model of the config's own run
-    (where `stage1/paper` writes it), not the seed model the config names for Stage I."""
-    root, run = params["storage_root"].rstrip("/"), params["run_name"]
-    final = RunLayout(run).final_model(Stage1Steps.TRAIN_DPO.step)
-    return {**params, "policy": {**params["policy"], "path": f"{root}/{final}"}}
-
-
 def _deployment(
-    entry: FlowEntry, name: str, config_file: Path, config: dict[str, Any], pool: str
+    entry: FlowEntry,
+    name: str,
+    config_file: Path,
+    config: dict[str, Any],
+    pool: str,
+    adjust: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """One deployment: the flow, its sections of a config file as parameters, its work pool."""
+    """One deployment: the flow, its sections of a config file as parameters (`adjust`ed), its
+    work pool."""
     params = sections_for(config, entry.params_model)
-    if entry.params_model is Stage2Params and name != "tiny":
-        params = _stage1_model_as_policy(params)
+    if adjust is not None:
+        params = adjust(params)
     # Built here so a wrong config fails now, not in the UI.
     built = build_params(entry.params_model, params)
     source = config_file.relative_to(PROJECT_DIR).as_posix()
@@ -304,7 +320,9 @@ def render_prefect_yaml() -> str:
     deployments = []
     for entry in FLOWS:
         deployments.append(_deployment(entry, "tiny", TINY_CONFIG, tiny, CPU_POOL))
-        deployment = _deployment(entry, entry.paper_name, PAPER_CONFIG, paper, entry.pool)
+        deployment = _deployment(
+            entry, entry.paper_name, PAPER_CONFIG, paper, entry.pool, entry.paper_params
+        )
         if entry.cron is not None:
             deployment["schedules"] = [
                 {"cron": entry.cron, "timezone": NIGHTLY_TIMEZONE, "active": True}

@@ -61,7 +61,6 @@ from pydantic import TypeAdapter
 from avr_core.config import ExecutionConfig, ModelSpec, TransformersModel, VLLMModel
 from avr_core.devices import gpus_for
 from avr_core.fingerprint import sha256_hex
-from avr_core.layout import RunLayout, shard_index
 from avr_core.reporting import SliceProgress, render_slices_markdown
 from avr_core.results import StepResult
 from avr_core.steps import (
@@ -392,47 +391,49 @@ def _wait(
 
 
 class _LiveProgress:
-    """The slice artifact while the children run, from one listing of the step's directory per
-    update (no shard is read): a shard pending at launch counts as done once its file has been
-    written since. The exact figures (rows, tokens, workers) come when every child has ended."""
+    """The slice artifact and a progress bar, kept up to date while the children run from one
+    listing of the step per update (no shard is read): a shard pending at launch counts as done
+    once its file has been written since. `finish` shows the exact figures (rows, tokens,
+    workers) when every child has ended."""
 
     def __init__(self, plan: StepPlan, pieces: list[_Slice], title: str) -> None:
         self.plan, self.pieces, self.title = plan, pieces, title
-        self.directory = RunLayout(plan.run).step(plan.target)
-        self.before = plan.store.files.list_versions(self.directory)
+        self.before = plan.store.shard_versions(plan.run, plan.target)
         self.key = artifact_key(plan.run, f"{plan.target.stage}-{plan.target.step}-slices")
         self.bar: Any = None
 
     def done_now(self) -> set[int]:
-        written = {
-            index
-            for name, version in self.plan.store.files.list_versions(self.directory).items()
-            if (index := shard_index(name)) is not None and self.before.get(name) != version
-        }
-        return set(self.plan.done) | written
+        now = self.plan.store.shard_versions(self.plan.run, self.plan.target)
+        return set(self.plan.done) | {i for i, v in now.items() if self.before.get(i) != v}
 
     def publish(self) -> None:
-        """Bring the artifacts up to date; a failed update costs only this update."""
+        """The artifacts while the children run."""
+        done = self.done_now()
+        rows = [_running(piece, done, time.time()) for piece in self.pieces]
+        self._show(f"{self.title} (running)", rows, len(done & set(self.plan.indices)), "running")
+
+    def finish(self, rows: list[SliceProgress], done: int) -> None:
+        """The artifacts once every child has ended, from the committed shards."""
+        self._show(self.title, rows, done, "ended")
+
+    def _show(self, title: str, rows: list[SliceProgress], done: int, phase: str) -> None:
         try:
-            done = self.done_now()
-            now = time.time()
-            rows = [_running(piece, done, now) for piece in self.pieces]
             create_markdown_artifact(
-                markdown=render_slices_markdown(f"{self.title} (running)", rows),
+                markdown=render_slices_markdown(title, rows),
                 key=self.key,
-                description=f"slices of {self.plan.target} in run {self.plan.run}, running",
+                description=f"slices of {self.plan.target} in run {self.plan.run}, {phase}",
             )
-            fraction = 100.0 * len(done & set(self.plan.indices)) / max(len(self.plan.indices), 1)
+            percent = 100.0 * done / max(len(self.plan.indices), 1)
             if self.bar is None:
                 self.bar = create_progress_artifact(
-                    fraction,
+                    percent,
                     key=f"{self.key}-progress",
                     description=f"shards of {self.plan.target} committed, %",
                 )
             else:
-                update_progress_artifact(self.bar, fraction)
+                update_progress_artifact(self.bar, percent)
         except Exception as err:  # noqa: BLE001 - progress display must never fail the step
-            get_run_logger().warning("%s: slice progress not updated: %s", self.plan.target, err)
+            get_run_logger().warning("%s: slice progress not shown: %s", self.plan.target, err)
 
 
 def _running(piece: _Slice, done: set[int], now: float) -> SliceProgress:
@@ -525,13 +526,7 @@ def run_slices(
 
     committed = read_committed(plan)
     after = replan(plan, committed)
-    create_markdown_artifact(
-        markdown=render_slices_markdown(title, [_progress(piece, committed) for piece in pieces]),
-        key=progress.key,
-        description=f"slices of {plan.target} in run {plan.run}",
-    )
-    if progress.bar is not None:
-        update_progress_artifact(progress.bar, 100.0 * len(after.done) / max(len(plan.indices), 1))
+    progress.finish([_progress(piece, committed) for piece in pieces], len(after.done))
     if after.pending:
         short = [
             f"slice {p.index} ({p.flow_run.name if p.flow_run else '-'}, {_state(p.flow_run)}): "
