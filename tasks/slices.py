@@ -272,7 +272,8 @@ def _launch(
     call: tuple[str, dict[str, Any]],
     piece: _Slice,
     count: int,
-    target: tuple[str, dict[str, Any]],
+    deployment: str,
+    job_variables: Mapping[str, Any],
 ) -> FlowRun:
     """The child flow run of `piece`: one still running from an earlier attempt, or a new one."""
     logger = get_run_logger()
@@ -299,7 +300,6 @@ def _launch(
         # the next generation computes only those.
         generation += 1
     task_name, parameters = call
-    deployment, job_variables = target
     name = f"{plan.run}-{plan.target.step}-slice-{piece.index}"
     created = run_deployment(
         name=deployment,
@@ -308,7 +308,7 @@ def _launch(
         timeout=0,  # launch only: the parent polls every child below
         idempotency_key=key,
         tags=["avr", "step-slice", plan.run],
-        job_variables=job_variables or None,
+        job_variables=dict(job_variables) or None,
     )
     # A sync task has no event loop: run_deployment ran synchronously and returned the run.
     assert isinstance(created, FlowRun)
@@ -514,12 +514,7 @@ def run_slices(
         )
         for piece in launched:
             piece.flow_run = _launch(
-                client,
-                plan,
-                call,
-                piece,
-                len(pieces),
-                (execution.slice_deployment, job_variables),
+                client, plan, call, piece, len(pieces), execution.slice_deployment, job_variables
             )
         progress.publish()
         _wait(client, plan, launched, pool, progress.publish)
